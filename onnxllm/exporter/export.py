@@ -1,0 +1,248 @@
+"""export(): a trained causal LM -> a verified, self-describing ONNX model package.
+
+Steps: resolve the source, load it in PyTorch (transformers), reduce it to uniform weights, build the
+graph, save into a staging folder, verify against PyTorch, write the manifest, rename into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__
+from ..errors import ExportError, InvalidPackageError
+from ..package import (FORMAT_VERSION, Architecture, IOSpec, KVCacheSpec, Manifest, Variant, sha256_file,
+                       staging_dir, write_manifest, write_text_atomic)
+from .architectures import DecoderWeights, extract_weights
+from .graph import build_decoder
+from .sources import Source, resolve_source
+from .verify import verify_export
+
+Progress = Callable[[str], None]
+_TWO_GB = 2_000_000_000
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    dtype: str = "float32"  # float32 | float16 (float16 is what the CUDA provider wants)
+    verify: bool = True
+    force: bool = False
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass
+class _Loaded:
+    model: object  # a transformers PreTrainedModel
+    eos_token_ids: list[int]
+    bos_token_id: int | None
+    add_bos_token: bool
+    chat_template: str | None
+    write_tokenizer: Callable[[Path], None]
+    timings: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _step(progress: Progress | None, name: str, timings: dict):
+    if progress:
+        progress(f"{name}...")
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 2)
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _load_gguf(src: Source) -> _Loaded:
+    from transformers import AutoModelForCausalLM
+
+    from .gguf_tokenizer import read_gguf_tokenizer, write_tokenizer_files
+
+    info = read_gguf_tokenizer(src.path)
+    model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name, dtype="float32")
+    # transformers' GGUF conversion gets special tokens wrong for some models (see FACTS.md): ours win.
+    model.config.eos_token_id = info.eos_token_id
+    model.config.bos_token_id = info.bos_token_id
+    if info.pad_token_id is not None:
+        model.config.pad_token_id = info.pad_token_id
+    return _Loaded(model, _as_list(info.eos_token_id), info.bos_token_id, info.add_bos_token, info.chat_template,
+                   lambda out: write_tokenizer_files(info, out))
+
+
+def _load_hf(src: Source, opts: ExportOptions) -> _Loaded:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(src.path), dtype="float32", trust_remote_code=opts.trust_remote_code,
+        use_safetensors=not opts.allow_pickle,
+    )
+    tok = AutoTokenizer.from_pretrained(str(src.path), trust_remote_code=opts.trust_remote_code)
+    if not getattr(tok, "is_fast", False):
+        raise ExportError(f"{src.path} has no fast tokenizer (tokenizer.json) and it could not be converted")
+    try:
+        gen = GenerationConfig.from_pretrained(str(src.path))
+        eos = _as_list(gen.eos_token_id) or _as_list(model.config.eos_token_id)
+    except OSError:
+        eos = _as_list(model.config.eos_token_id)
+    template = tok.chat_template if isinstance(tok.chat_template, str) else None
+
+    def write(out: Path) -> None:
+        tok.save_pretrained(str(out))
+        for extra in ("chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model"):
+            with contextlib.suppress(FileNotFoundError):
+                (out / extra).unlink()
+
+    add_bos = bool(getattr(tok, "add_bos_token", False))
+    return _Loaded(model, eos, tok.bos_token_id, add_bos, template, write)
+
+
+def _generation_defaults(model) -> dict:
+    gen = getattr(model, "generation_config", None)
+    sample = bool(getattr(gen, "do_sample", False))
+    return {
+        "temperature": float(getattr(gen, "temperature", 1.0) or 1.0) if sample else 0.0,
+        "top_k": int(getattr(gen, "top_k", 0) or 0) if sample else 0,
+        "top_p": float(getattr(gen, "top_p", 1.0) or 1.0) if sample else 1.0,
+        "repetition_penalty": float(getattr(gen, "repetition_penalty", 1.0) or 1.0),
+        "max_new_tokens": 256,
+    }
+
+
+def _save_onnx(proto, path: Path) -> None:
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    big = sum(t.ByteSize() for t in proto.graph.initializer) > _TWO_GB
+    onnx.save_model(proto, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def _genai_config(w: DecoderWeights, loaded: _Loaded, onnx_file: str) -> dict:
+    """Lets onnxruntime-genai's og.Model load the package as it is."""
+    d = w.dims
+    return {
+        "model": {
+            "bos_token_id": loaded.bos_token_id if loaded.bos_token_id is not None else 0,
+            "context_length": d.context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": onnx_file,
+                "head_size": d.head_dim,
+                "hidden_size": d.hidden_size,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": d.num_heads,
+                "num_hidden_layers": d.num_layers,
+                "num_key_value_heads": d.num_kv_heads,
+            },
+            "eos_token_id": loaded.eos_token_ids if len(loaded.eos_token_ids) != 1 else loaded.eos_token_ids[0],
+            "pad_token_id": loaded.eos_token_ids[0] if loaded.eos_token_ids else 0,
+            "type": d.model_type,
+            "vocab_size": d.vocab_size,
+        },
+        "search": {"do_sample": False, "max_length": d.context_length, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0, "early_stopping": True, "length_penalty": 1.0,
+                   "diversity_penalty": 0.0, "no_repeat_ngram_size": 0},
+    }
+
+
+def _source_record(src: Source) -> dict:
+    if src.kind == "gguf":
+        return {"kind": "gguf", "name": src.name, "catalog": src.catalog, "file": src.path.name,
+                "sha256": sha256_file(src.path)}
+    files = sorted(src.path.glob("*.safetensors"))
+    digest = ",".join(sha256_file(f)[:16] for f in files)
+    return {"kind": "hf", "name": src.name, "path": str(src.path), "sha256_safetensors": digest}
+
+
+def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: ExportOptions = ExportOptions(),
+           progress: Progress | None = None) -> Path:
+    """Export `source` (HF folder, .gguf, catalog name or hub id) to a package at `out_dir`."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not options.force:
+        raise InvalidPackageError(f"{out_dir} already exists; pass --force (force=True) to overwrite it")
+    if options.dtype not in ("float32", "float16"):
+        raise ExportError(f"dtype {options.dtype!r} is not supported; use float32 or float16")
+    timings: dict = {}
+    src = resolve_source(source, allow_pickle=options.allow_pickle)
+    with _step(progress, "loading", timings):
+        loaded = _load_gguf(src) if src.kind == "gguf" else _load_hf(src, options)
+        model = loaded.model.eval()
+    with _step(progress, "building graph", timings):
+        weights = extract_weights(model)
+        proto = build_decoder(weights, dtype=options.dtype)
+    d = weights.dims
+    with staging_dir(out_dir, force=options.force) as tmp:
+        onnx_file = "onnx/model.onnx" if options.dtype == "float32" else "onnx/model_fp16.onnx"
+        with _step(progress, "saving", timings):
+            _save_onnx(proto, tmp / onnx_file)
+            del proto
+            model.config.save_pretrained(str(tmp))
+            generation = _generation_defaults(model)
+            write_text_atomic(tmp / "generation_config.json", json.dumps(
+                {"eos_token_id": loaded.eos_token_ids, "bos_token_id": loaded.bos_token_id,
+                 "do_sample": generation["temperature"] > 0, **{k: v for k, v in generation.items()}}, indent=2))
+            loaded.write_tokenizer(tmp)
+            if loaded.chat_template:
+                write_text_atomic(tmp / "chat_template.jinja", loaded.chat_template)
+            write_text_atomic(tmp / "genai_config.json", json.dumps(_genai_config(weights, loaded, onnx_file), indent=2))
+        verification: dict = {"skipped": True}
+        if options.verify:
+            with _step(progress, "verifying", timings):
+                report = verify_export(tmp / onnx_file, model, d, dtype=options.dtype)
+            verification = {"max_abs_diff": report.max_abs_diff, "max_abs_diff_with_past": report.max_abs_diff_with_past,
+                            "tolerance": report.tolerance, "prompts": report.prompts}
+            if progress:
+                progress(f"verified: max |logit diff| {report.max_abs_diff:.2e} (with past {report.max_abs_diff_with_past:.2e})")
+            if not report.ok:
+                raise ExportError(
+                    f"verification failed: ONNX logits differ from PyTorch by {max(report.max_abs_diff, report.max_abs_diff_with_past):.3g} "
+                    f"(tolerance {report.tolerance}); no package was written. Re-run with --no-verify to keep it anyway"
+                )
+        scheme = "fp32" if options.dtype == "float32" else "fp16"
+        variant = Variant(file=onnx_file, scheme=scheme, dtype=options.dtype, bytes=_size(tmp / onnx_file),
+                          method={"exporter": "onnxllm graph builder", "timings_s": timings})
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            exporter_version=__version__,
+            source=_source_record(src),
+            architecture=Architecture(
+                model_type=d.model_type, vocab_size=d.vocab_size, hidden_size=d.hidden_size, num_layers=d.num_layers,
+                num_heads=d.num_heads, num_kv_heads=d.num_kv_heads, head_dim=d.head_dim,
+                intermediate_size=d.intermediate_size, context_length=d.context_length,
+                parameters=sum(p.numel() for p in model.parameters()),
+            ),
+            io=IOSpec(),
+            kv_cache=KVCacheSpec(dtype=options.dtype),
+            variants={scheme: variant},
+            default_variant={"cpu": scheme, "cuda": scheme, "dml": scheme},
+            eos_token_ids=loaded.eos_token_ids,
+            bos_token_id=loaded.bos_token_id,
+            add_bos_token=loaded.add_bos_token,
+            chat_template="chat_template.jinja" if loaded.chat_template else None,
+            generation=generation,
+            verification=verification,
+        )
+        write_manifest(tmp, manifest)
+        if progress:
+            progress("done")
+    return out_dir
+
+
+def _size(onnx_path: Path) -> int:
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    return onnx_path.stat().st_size + (data.stat().st_size if data.exists() else 0)

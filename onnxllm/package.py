@@ -1,0 +1,285 @@
+"""Read, write and validate a model package; confine every path to the package folder.
+
+A package is an HF-shaped folder: config.json, generation_config.json, tokenizer files,
+chat_template.jinja, onnx/model*.onnx, genai_config.json, and `onnxllm.json` (the manifest), which
+holds everything the runtime needs. Nothing is inferred from file names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import InvalidPackageError
+
+MANIFEST = "onnxllm.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    context_length: int
+    parameters: int
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    input_ids: str = "input_ids"
+    attention_mask: str = "attention_mask"
+    position_ids: str = "position_ids"
+    past_key: str = "past_key_values.{}.key"
+    past_value: str = "past_key_values.{}.value"
+    logits: str = "logits"
+    present_key: str = "present.{}.key"
+    present_value: str = "present.{}.value"
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    layout: str = "batch,kv_heads,sequence,head_dim"
+    dtype: str = "float32"
+    # GroupQueryAttention accepts past and present bound to one preallocated buffer.
+    shared_buffer: bool = True
+
+
+@dataclass(frozen=True)
+class Variant:
+    file: str  # relative to the package root
+    scheme: str  # fp32 | fp16 | int8 | int4
+    dtype: str  # activation/KV dtype of the graph
+    bytes: int
+    method: dict = field(default_factory=dict)  # how it was made: quantizer, block size, source blocks...
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    exporter_version: str
+    source: dict
+    architecture: Architecture
+    io: IOSpec
+    kv_cache: KVCacheSpec
+    variants: dict[str, Variant]
+    default_variant: dict[str, str]  # device -> variant name
+    eos_token_ids: list[int]
+    bos_token_id: int | None = None
+    add_bos_token: bool = False
+    tokenizer: str = "tokenizer.json"
+    chat_template: str | None = None  # file name, or None when the model has none
+    generation: dict = field(default_factory=dict)
+    verification: dict = field(default_factory=dict)
+    format: str = "onnxllm"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    def with_variant(self, name: str, variant: Variant, *, default_for: tuple[str, ...] = ()) -> "Manifest":
+        variants = {**self.variants, name: variant}
+        defaults = {**self.default_variant, **{dev: name for dev in default_for}}
+        return _replace(self, variants=variants, default_variant=defaults)
+
+
+def _replace(m: Manifest, **changes) -> Manifest:
+    from dataclasses import replace
+
+    return replace(m, **changes)
+
+
+def _require(data: dict, key: str, kind, where: str):
+    if key not in data:
+        raise InvalidPackageError(f"manifest {where}: field '{key}' is missing; re-export the model with `onnxllm export`")
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidPackageError(f"manifest {where}: field '{key}' has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise InvalidPackageError(f"manifest {where}: expected an object, got {type(data).__name__}")
+    kwargs = {}
+    for name, f in cls.__dataclass_fields__.items():
+        required = f.default is f.default_factory is __import__("dataclasses").MISSING
+        if name in data:
+            kwargs[name] = data[name]
+        elif required:
+            _require(data, name, object, where)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise InvalidPackageError(f"manifest {where}: {exc}") from None
+
+
+def parse_manifest(data: Any) -> Manifest:
+    """Validate a decoded manifest; every problem is an InvalidPackageError naming the field."""
+    if not isinstance(data, dict):
+        raise InvalidPackageError("manifest: expected a JSON object; re-export the model with `onnxllm export`")
+    version = _require(data, "format_version", int, "")
+    if version > FORMAT_VERSION:
+        raise InvalidPackageError(
+            f"manifest format version {version} is newer than this onnxllm understands ({FORMAT_VERSION}); "
+            "upgrade onnxllm (pip install -U onnxllm)"
+        )
+    arch = _build(Architecture, _require(data, "architecture", dict, ""), "architecture")
+    for name in Architecture.__dataclass_fields__:
+        if name != "model_type" and (not isinstance(getattr(arch, name), int) or getattr(arch, name) < 0):
+            raise InvalidPackageError(f"manifest architecture: '{name}' must be a non-negative integer")
+    variants_raw = _require(data, "variants", dict, "")
+    if not variants_raw:
+        raise InvalidPackageError("manifest: no variants listed; re-export the model with `onnxllm export`")
+    variants = {}
+    for name, raw in variants_raw.items():
+        v = _build(Variant, raw, f"variants.{name}")
+        if not isinstance(v.file, str) or not isinstance(v.scheme, str) or not isinstance(v.bytes, int):
+            raise InvalidPackageError(f"manifest variants.{name}: 'file', 'scheme' and 'bytes' have the wrong type")
+        variants[str(name)] = v
+    defaults = _require(data, "default_variant", dict, "")
+    for dev, name in defaults.items():
+        if name not in variants:
+            raise InvalidPackageError(f"manifest default_variant.{dev} names {name!r}, which is not among the variants")
+    eos = _require(data, "eos_token_ids", list, "")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
+        raise InvalidPackageError("manifest: 'eos_token_ids' must be a list of integers")
+    rest = {k: data[k] for k in ("bos_token_id", "add_bos_token", "tokenizer", "chat_template", "generation",
+                                 "verification", "format") if k in data}
+    for key, kind in (("tokenizer", str), ("generation", dict), ("verification", dict), ("add_bos_token", bool)):
+        if key in rest and not isinstance(rest[key], kind):
+            raise InvalidPackageError(f"manifest: field '{key}' has the wrong type ({type(rest[key]).__name__})")
+    if rest.get("chat_template") is not None and not isinstance(rest["chat_template"], str):
+        raise InvalidPackageError("manifest: field 'chat_template' must be a file name or null")
+    return Manifest(
+        format_version=version,
+        exporter_version=str(data.get("exporter_version", "unknown")),
+        source=data.get("source") if isinstance(data.get("source"), dict) else {},
+        architecture=arch,
+        io=_build(IOSpec, data.get("io", {}), "io"),
+        kv_cache=_build(KVCacheSpec, data.get("kv_cache", {}), "kv_cache"),
+        variants=variants,
+        default_variant={str(k): str(v) for k, v in defaults.items()},
+        eos_token_ids=list(eos),
+        **rest,
+    )
+
+
+def safe_path(root: str | os.PathLike, relative: str) -> Path:
+    """`root/relative`, refusing absolute paths, `..` and symlinks that leave the package folder."""
+    if not isinstance(relative, str) or not relative or os.path.isabs(relative) or "\x00" in relative:
+        raise InvalidPackageError(f"unsafe path {relative!r} in the package: paths must be relative to the package folder")
+    base = Path(root).resolve()
+    target = (base / relative).resolve()
+    if target != base and base not in target.parents:
+        raise InvalidPackageError(f"unsafe path {relative!r} in the package: it leads outside {base}")
+    return target
+
+
+def read_manifest(root: str | os.PathLike) -> Manifest:
+    path = Path(root) / MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidPackageError(f"{root} has no {MANIFEST}: export a model with `onnxllm export SOURCE -o {root}`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidPackageError(f"cannot read {path}: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidPackageError(f"{path} is not valid JSON ({exc}); re-export the model") from None
+    manifest = parse_manifest(data)
+    for v in manifest.variants.values():
+        safe_path(root, v.file)
+    for f in (manifest.tokenizer, manifest.chat_template):
+        if f is not None:
+            safe_path(root, f)
+    return manifest
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write to a temp file beside `path`, then rename: readers see the old or the new file, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_manifest(root: str | os.PathLike, manifest: Manifest) -> None:
+    write_text_atomic(Path(root) / MANIFEST, manifest.to_json())
+
+
+@contextlib.contextmanager
+def staging_dir(final: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `final`; rename it to `final` only when the block succeeds.
+
+    On any error (or Ctrl-C) the temp folder is removed and whatever was at `final` is untouched.
+    With `force`, an existing `final` is replaced only after the new package is complete.
+    """
+    final = Path(final).absolute()
+    if final.exists() and not force:
+        raise InvalidPackageError(f"{final} already exists; pass --force (force=True) to overwrite it")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    except OSError as exc:
+        raise InvalidPackageError(f"cannot write to {final.parent}: {exc.strerror or exc}; choose another output folder") from None
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def find_package_root(path: str | os.PathLike) -> Path:
+    """A package folder from a folder or from a path to an .onnx file inside it (beside or above)."""
+    p = Path(path)
+    if not p.exists():
+        raise InvalidPackageError(f"{path} does not exist")
+    start = p if p.is_dir() else p.parent
+    for candidate in (start, *start.parents[:2]):
+        if (candidate / MANIFEST).is_file():
+            return candidate
+    if p.is_dir():
+        raise InvalidPackageError(
+            f"{path} has no {MANIFEST} and is not an onnxllm package; "
+            f"export one with `onnxllm export SOURCE -o {path}`"
+        )
+    raise InvalidPackageError(
+        f"no {MANIFEST} found beside or above {path}; point at a package made by `onnxllm export`"
+    )

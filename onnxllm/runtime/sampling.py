@@ -1,0 +1,263 @@
+"""Logits processing and token sampling on one 1-D logits vector (numpy only).
+
+Every function here is pure: it returns a new array and never writes into the
+logits it is given. Masked tokens are set to ``-inf``; each mask keeps at least
+the most likely token, so a processed vector always has a finite maximum.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+from onnxllm.errors import GenerationError
+
+__all__ = [
+    "apply_min_p",
+    "apply_presence_frequency_penalty",
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "apply_top_k",
+    "apply_top_p",
+    "make_logits_processors",
+    "make_sampler",
+    "softmax",
+    "validate_sampling",
+]
+
+Sampler = Callable[[np.ndarray], int]
+LogitsProcessor = Callable[..., np.ndarray]
+
+
+def validate_sampling(
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+) -> None:
+    """Raise GenerationError when a sampling option is out of range.
+
+    The comparisons are written negated so that NaN is rejected too.
+    """
+    temperature = _number("temperature", temperature)
+    top_p = _number("top_p", top_p)
+    min_p = _number("min_p", min_p)
+    repetition_penalty = _number("repetition_penalty", repetition_penalty)
+    if not (temperature >= 0.0) or math.isinf(temperature):
+        raise GenerationError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise GenerationError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    if not (0.0 < top_p <= 1.0):
+        raise GenerationError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
+    if not (0.0 <= min_p <= 1.0):
+        raise GenerationError(f"min_p must be in [0, 1] (0 disables it), got {min_p!r}")
+    if not (repetition_penalty > 0.0) or math.isinf(repetition_penalty):
+        raise GenerationError(
+            f"repetition_penalty must be a finite number > 0 (1 disables it), got {repetition_penalty!r}"
+        )
+
+
+def _as_logits(logits: np.ndarray) -> np.ndarray:
+    arr = np.asarray(logits)
+    if arr.ndim != 1 or arr.size == 0:
+        raise GenerationError(f"logits must be a non-empty 1-D vector, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)  # integer logits would make division and -inf masking wrong
+    return arr
+
+
+def _number(name: str, value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise GenerationError(f"{name} must be a number, got {value!r}") from None
+
+
+def _token_ids(token_ids: Sequence[int] | np.ndarray, vocab_size: int) -> np.ndarray:
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise GenerationError(f"token id {bad} is out of range for a vocabulary of {vocab_size} logits")
+    return ids
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities (float64, summing to 1) of a logits vector; ``-inf`` entries get exactly 0."""
+    arr = _as_logits(logits).astype(np.float64)
+    top = arr.max()
+    if not np.isfinite(top):
+        raise GenerationError("logits have no finite maximum (all masked, NaN or +inf); cannot sample")
+    exp = np.exp(arr - top)
+    return exp / exp.sum()
+
+
+def apply_repetition_penalty(
+    logits: np.ndarray, token_ids: Sequence[int] | np.ndarray, penalty: float
+) -> np.ndarray:
+    """Penalize every token present in ``token_ids`` (prompt + generated), HF semantics.
+
+    A seen token's positive logit is divided by ``penalty`` and a negative one is
+    multiplied by it, so ``penalty > 1`` always makes repeats less likely.
+    """
+    arr = _as_logits(logits)
+    out = arr.copy()
+    if penalty == 1.0:
+        return out
+    seen = np.unique(_token_ids(token_ids, arr.size))
+    if seen.size:
+        vals = out[seen]
+        out[seen] = np.where(vals < 0, vals * penalty, vals / penalty)
+    return out
+
+
+def apply_presence_frequency_penalty(
+    logits: np.ndarray, counts: np.ndarray, presence: float, frequency: float
+) -> np.ndarray:
+    """OpenAI semantics: ``logit[j] -= counts[j] * frequency + (counts[j] > 0) * presence``.
+
+    ``counts`` is a per-token occurrence count with one entry per logit.
+    """
+    arr = _as_logits(logits)
+    counts = np.asarray(counts)
+    if counts.shape != arr.shape:
+        raise GenerationError(f"counts must have the logits' shape {arr.shape}, got {counts.shape}")
+    if presence == 0.0 and frequency == 0.0:
+        return arr.copy()
+    penalty = counts * frequency + (counts > 0) * presence
+    return (arr - penalty).astype(arr.dtype, copy=False)
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Divide logits by ``temperature`` (> 0; greedy decoding is the sampler's job, not this one's)."""
+    arr = _as_logits(logits)
+    if not (temperature > 0.0) or math.isinf(temperature):
+        raise GenerationError(f"apply_temperature needs a finite temperature > 0, got {temperature!r}")
+    return (arr / np.asarray(temperature, dtype=arr.dtype)).astype(arr.dtype, copy=False)
+
+
+def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep the ``k`` highest logits (ties with the k-th are kept, as in HF); ``k == 0`` disables."""
+    arr = _as_logits(logits)
+    if k < 0:
+        raise GenerationError(f"top_k must be >= 0, got {k}")
+    out = arr.copy()
+    if k == 0 or k >= arr.size:
+        return out
+    kth = np.partition(arr, arr.size - k)[arr.size - k]
+    out[arr < kth] = -np.inf
+    return out
+
+
+def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Nucleus filtering: keep the smallest top set whose probability mass reaches ``p``."""
+    arr = _as_logits(logits)
+    if not (0.0 < p <= 1.0):
+        raise GenerationError(f"top_p must be in (0, 1], got {p!r}")
+    out = arr.copy()
+    if p >= 1.0:
+        return out
+    probs = softmax(arr)
+    order = np.argsort(-probs, kind="stable")
+    sorted_probs = probs[order]
+    # A token stays when the mass strictly above it is still short of p; the top token always stays.
+    mass_before = np.cumsum(sorted_probs) - sorted_probs
+    drop = order[mass_before >= p]
+    out[drop] = -np.inf
+    return out
+
+
+def apply_min_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Drop tokens whose probability is below ``p`` times the top token's; ``p == 0`` disables."""
+    arr = _as_logits(logits)
+    if not (0.0 <= p <= 1.0):
+        raise GenerationError(f"min_p must be in [0, 1], got {p!r}")
+    out = arr.copy()
+    if p == 0.0:
+        return out
+    probs = softmax(arr)
+    # p <= 1 means p * max <= max, so the top token is never below the threshold.
+    out[probs < p * probs.max()] = -np.inf
+    return out
+
+
+def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    cdf = np.cumsum(probs)
+    # side="right" lands only on tokens with a positive increment, never a masked (p == 0) one.
+    idx = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    if idx >= probs.size:  # rounding pushed the draw past the end
+        idx = int(np.flatnonzero(probs)[-1])
+    return idx
+
+
+def make_sampler(
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> Sampler:
+    """Return ``sample(logits) -> token_id``.
+
+    ``temperature == 0`` is greedy argmax and ignores the other options. Otherwise
+    temperature, top-k, top-p and min-p are applied in that order (HF's order) and a
+    token is drawn from ``rng``; pass a seeded ``numpy.random.Generator`` for
+    reproducible output. Without one a fresh unseeded generator is made (never the
+    global numpy RNG).
+    """
+    validate_sampling(temperature, top_k, top_p, min_p)
+
+    if temperature == 0.0:
+
+        def greedy(logits: np.ndarray) -> int:
+            arr = _as_logits(logits)
+            if not np.isfinite(arr.max()):
+                raise GenerationError("logits have no finite maximum (all masked, NaN or +inf); cannot sample")
+            return int(np.argmax(arr))
+
+        return greedy
+
+    generator = rng if rng is not None else np.random.default_rng()
+
+    def sample(logits: np.ndarray) -> int:
+        out = apply_temperature(logits, temperature)
+        out = apply_top_k(out, top_k)
+        out = apply_top_p(out, top_p)
+        out = apply_min_p(out, min_p)
+        return _draw(softmax(out), generator)
+
+    return sample
+
+
+def make_logits_processors(
+    *,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+) -> LogitsProcessor:
+    """Return ``process(logits, token_ids_so_far, prompt_len=0) -> logits``.
+
+    The repetition penalty counts every id in ``token_ids_so_far`` (prompt and
+    generated, as HF does); presence and frequency penalties count only
+    ``token_ids_so_far[prompt_len:]`` (the generated part, as OpenAI does) when the
+    caller passes ``prompt_len``. Cost per call is one ``bincount``/``unique`` over
+    the history, i.e. linear in its length and independent of the vocabulary loop.
+    """
+    validate_sampling(repetition_penalty=repetition_penalty)
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not math.isfinite(_number(name, value)):
+            raise GenerationError(f"{name} must be a finite number, got {value!r}")
+
+    def process(logits: np.ndarray, token_ids_so_far: Sequence[int], prompt_len: int = 0) -> np.ndarray:
+        arr = _as_logits(logits)
+        ids = _token_ids(token_ids_so_far, arr.size)
+        out = apply_repetition_penalty(arr, ids, repetition_penalty)
+        if presence_penalty != 0.0 or frequency_penalty != 0.0:
+            counts = np.bincount(ids[prompt_len:], minlength=arr.size)
+            out = apply_presence_frequency_penalty(out, counts, presence_penalty, frequency_penalty)
+        return out
+
+    return process
