@@ -1,1 +1,10 @@
+"""onnxllm: run large language models offline, on your own machine, through ONNX Runtime."""
+
 __version__ = "0.1.0"
+
+from .api import export, generate, load, pull, quantize, stream  # noqa: E402
+from .errors import OnnxLLMError  # noqa: E402
+from .runtime.generate import Chunk, GenerationConfig, GenerationResult  # noqa: E402
+
+__all__ = ["load", "export", "quantize", "generate", "stream", "pull", "GenerationConfig", "GenerationResult",
+           "Chunk", "OnnxLLMError", "__version__"]

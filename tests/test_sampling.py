@@ -102,9 +102,22 @@ def test_top_p_keeps_smallest_nucleus(logits, p):
     kept = np.isfinite(out)
     assert kept[np.argmax(logits)]
     assert probs[kept].sum() >= p - 1e-9 or kept.all()
-    # minimal: removing the least likely kept token drops below p
-    if kept.sum() > 1:
-        assert probs[kept].sum() - probs[kept].min() < p + 1e-9
+    # minimal: the tokens strictly above the weakest kept one hold less than p (ties are kept together)
+    above = logits > logits[kept].min()
+    assert probs[above].sum() < p + 1e-9
+
+
+def test_top_p_large_vocab_uses_same_nucleus_as_full_sort():
+    rng = np.random.default_rng(0)
+    for scale in (0.1, 3.0, 30.0):
+        logits = (rng.normal(size=20000) * scale).astype(np.float32)
+        for p in (0.1, 0.5, 0.9, 0.999):
+            probs = softmax(logits)
+            order = np.argsort(-logits, kind="stable")
+            mass_before = np.cumsum(probs[order]) - probs[order]
+            expected = np.zeros(logits.size, bool)
+            expected[order[mass_before < p]] = True
+            np.testing.assert_array_equal(np.isfinite(apply_top_p(logits, p)), expected)
 
 
 @given(logits_st, st.floats(0.0, 1.0))

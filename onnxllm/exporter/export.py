@@ -101,6 +101,9 @@ def _load_hf(src: Source, opts: ExportOptions) -> _Loaded:
         for extra in ("chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model"):
             with contextlib.suppress(FileNotFoundError):
                 (out / extra).unlink()
+        # transformers 5 no longer writes it; other tools (and older transformers) still read it.
+        special = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, (str, list))}
+        write_text_atomic(out / "special_tokens_map.json", json.dumps(special, indent=2, ensure_ascii=False))
 
     add_bos = bool(getattr(tok, "add_bos_token", False))
     return _Loaded(model, eos, tok.bos_token_id, add_bos, template, write)

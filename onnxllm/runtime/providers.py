@@ -9,6 +9,8 @@ tiny in-memory graph before it is chosen.
 
 from __future__ import annotations
 
+import os
+
 import ctypes
 import functools
 import importlib.metadata
@@ -273,6 +275,14 @@ def _explicit(device: str, offered: list[str], probe: Callable[[str], str | None
     return _choice(device)
 
 
+def default_threads() -> int:
+    """Cores this process may use (affinity-aware where the OS tells)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
 def session_options(
     *,
     threads: int | None = None,
@@ -282,7 +292,8 @@ def session_options(
 ) -> onnxruntime.SessionOptions:
     """SessionOptions for LLM decoding: sequential, one inter-op thread, `threads` intra-op.
 
-    `threads=None` keeps onnxruntime's default (one per physical core); `optimization` is
+    `threads=None` uses every core this process may run on (onnxruntime's own default counts
+    physical cores and measured 3x slower decode on a 2-vCPU VM); `optimization` is
     disable/basic/extended/all; `spinning=None` keeps the default busy-wait behaviour.
     """
     ort = _ort()
@@ -298,8 +309,7 @@ def session_options(
     # DirectML refuses parallel execution outright.
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.inter_op_num_threads = 1
-    if threads is not None:
-        so.intra_op_num_threads = threads
+    so.intra_op_num_threads = threads if threads is not None else default_threads()
     if spinning is not None:
         # Spinning lowers per-token latency but burns a core while idle between tokens.
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")

@@ -15,20 +15,14 @@ import numpy as np
 from onnxllm.errors import GenerationError
 
 __all__ = [
-    "apply_min_p",
-    "apply_presence_frequency_penalty",
-    "apply_repetition_penalty",
-    "apply_temperature",
-    "apply_top_k",
-    "apply_top_p",
-    "make_logits_processors",
-    "make_sampler",
-    "softmax",
-    "validate_sampling",
+    "apply_min_p", "apply_presence_frequency_penalty", "apply_repetition_penalty", "apply_temperature",
+    "apply_top_k", "apply_top_p", "make_logits_processors", "make_sampler", "softmax", "validate_sampling",
 ]
 
 Sampler = Callable[[np.ndarray], int]
 LogitsProcessor = Callable[..., np.ndarray]
+
+_TOP_P_CANDIDATES = 512  # tokens top-p sorts before widening (x8) towards a full sort
 
 
 def validate_sampling(
@@ -55,9 +49,7 @@ def validate_sampling(
     if not (0.0 <= min_p <= 1.0):
         raise GenerationError(f"min_p must be in [0, 1] (0 disables it), got {min_p!r}")
     if not (repetition_penalty > 0.0) or math.isinf(repetition_penalty):
-        raise GenerationError(
-            f"repetition_penalty must be a finite number > 0 (1 disables it), got {repetition_penalty!r}"
-        )
+        raise GenerationError(f"repetition_penalty must be a finite number > 0 (1 disables it), got {repetition_penalty!r}")
 
 
 def _as_logits(logits: np.ndarray) -> np.ndarray:
@@ -152,7 +144,10 @@ def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
 
 
 def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
-    """Nucleus filtering: keep the smallest top set whose probability mass reaches ``p``."""
+    """Nucleus filtering: keep the smallest top set whose probability mass reaches ``p``.
+
+    Tokens tied with the last one kept are kept too.
+    """
     arr = _as_logits(logits)
     if not (0.0 < p <= 1.0):
         raise GenerationError(f"top_p must be in (0, 1], got {p!r}")
@@ -160,12 +155,24 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     if p >= 1.0:
         return out
     probs = softmax(arr)
-    order = np.argsort(-probs, kind="stable")
+    cand = np.flatnonzero(probs > 0.0)  # already-masked tokens cannot be in the nucleus
+    m = _TOP_P_CANDIDATES
+    while cand.size > m:
+        # Sorting the whole vocabulary is the slow part; if the best m tokens already hold
+        # mass p, every other token has at least p above it and is dropped anyway.
+        part = cand[np.argpartition(-arr[cand], m - 1)[:m]]
+        if probs[part].sum() >= p:
+            cand = part
+            break
+        m *= 8
+    order = cand[np.argsort(-arr[cand])]
     sorted_probs = probs[order]
-    # A token stays when the mass strictly above it is still short of p; the top token always stays.
+    # A token stays when the mass strictly above it is still short of p (a prefix of the order,
+    # so the top token always stays). Cutting by value keeps ties with the last kept token, as
+    # top-k does, which makes the result independent of how the sort orders equal logits.
     mass_before = np.cumsum(sorted_probs) - sorted_probs
-    drop = order[mass_before >= p]
-    out[drop] = -np.inf
+    threshold = arr[order[np.count_nonzero(mass_before < p) - 1]]
+    out[arr < threshold] = -np.inf
     return out
 
 
@@ -224,10 +231,14 @@ def make_sampler(
 
     def sample(logits: np.ndarray) -> int:
         out = apply_temperature(logits, temperature)
-        out = apply_top_k(out, top_k)
-        out = apply_top_p(out, top_p)
-        out = apply_min_p(out, min_p)
-        return _draw(softmax(out), generator)
+        idx = None
+        if 0 < top_k < out.size:
+            # Work on the k survivors only: the later steps then cost O(k), not O(vocabulary).
+            idx = np.flatnonzero(apply_top_k(out, top_k) > -np.inf)
+            out = out[idx]
+        out = apply_min_p(apply_top_p(out, top_p), min_p)
+        tok = _draw(softmax(out), generator)
+        return int(idx[tok]) if idx is not None else tok
 
     return sample
 
@@ -243,8 +254,8 @@ def make_logits_processors(
     The repetition penalty counts every id in ``token_ids_so_far`` (prompt and
     generated, as HF does); presence and frequency penalties count only
     ``token_ids_so_far[prompt_len:]`` (the generated part, as OpenAI does) when the
-    caller passes ``prompt_len``. Cost per call is one ``bincount``/``unique`` over
-    the history, i.e. linear in its length and independent of the vocabulary loop.
+    caller passes ``prompt_len``. Cost per call is an ``np.unique`` over
+    the history plus O(vocabulary) copies; no Python loop over tokens.
     """
     validate_sampling(repetition_penalty=repetition_penalty)
     for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
@@ -256,8 +267,9 @@ def make_logits_processors(
         ids = _token_ids(token_ids_so_far, arr.size)
         out = apply_repetition_penalty(arr, ids, repetition_penalty)
         if presence_penalty != 0.0 or frequency_penalty != 0.0:
-            counts = np.bincount(ids[prompt_len:], minlength=arr.size)
-            out = apply_presence_frequency_penalty(out, counts, presence_penalty, frequency_penalty)
+            # Same formula as apply_presence_frequency_penalty, on the seen tokens only.
+            seen, counts = np.unique(ids[prompt_len:], return_counts=True)
+            out[seen] -= (counts * frequency_penalty + presence_penalty).astype(out.dtype)
         return out
 
     return process

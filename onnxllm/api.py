@@ -1,0 +1,101 @@
+"""The public functions behind `onnxllm.*` and every CLI command.
+
+Runtime calls import nothing heavy; export and quantize import torch/transformers only when called.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .catalog import CATALOG, is_catalog_name
+from .errors import ModelNotFoundError, UnsupportedModelError
+from .runtime.generate import Chunk, GenerationResult
+from .runtime.model import LoadOptions, Model, load_package
+
+Progress = Callable[[str], None]
+
+
+def cache_dir() -> Path:
+    """Where catalog models are exported to: $ONNXLLM_CACHE or ~/.cache/onnxllm."""
+    from .doctor import cache_dir as _cache_dir
+
+    return _cache_dir()
+
+
+def _require_exporter(what: str) -> None:
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UnsupportedModelError(
+            f"{what} needs the exporter's dependencies ({', '.join(missing)} missing); install them with: "
+            "pip install torch==2.13.0 && pip install 'onnxllm[export]'"
+        )
+
+
+def pull(name: str, *, progress: Progress | None = None) -> Path:
+    """The cached package of a catalog model, exporting and quantizing it on first use (like `ollama pull`)."""
+    entry = CATALOG[name.lower()]
+    target = cache_dir() / entry.name
+    if (target / "onnxllm.json").is_file():
+        from .package import read_manifest
+
+        if entry.default_variant in read_manifest(target).variants:
+            return target
+    else:
+        _require_exporter(f"the first run of {entry.name!r}")
+        export(entry.name, target, force=True, progress=progress)
+    quantize(target, entry.default_variant, progress=progress)
+    return target
+
+
+def resolve_model(model: str | os.PathLike, *, progress: Progress | None = None) -> Path:
+    text = str(model)
+    if is_catalog_name(text) and not Path(text).exists():
+        return pull(text, progress=progress)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"{text} does not exist; give a model package folder, a path to its model.onnx, or a catalog name "
+            f"({', '.join(CATALOG)})"
+        )
+    return path
+
+
+def load(model: str | os.PathLike, device: str = "auto", variant: str | None = None, *, threads: int | None = None,
+         context: int | None = None, kv_mode: str = "shared", io_binding: bool = True,
+         progress: Progress | None = None) -> Model:
+    """Load a package folder, a path to its .onnx, or a catalog name (exported on first use)."""
+    path = resolve_model(model, progress=progress)
+    return load_package(path, LoadOptions(device=device, variant=variant, threads=threads, context=context,
+                                          kv_mode=kv_mode, io_binding=io_binding))
+
+
+def generate(model: Model | str | os.PathLike, prompt, **options) -> GenerationResult:
+    """One-shot generation; `model` may be a loaded Model or anything `load` accepts."""
+    return (model if isinstance(model, Model) else load(model)).generate(prompt, **options)
+
+
+def stream(model: Model | str | os.PathLike, prompt, **options) -> Iterator[Chunk]:
+    return (model if isinstance(model, Model) else load(model)).stream(prompt, **options)
+
+
+def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32", verify: bool = True,
+           force: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False,
+           progress: Progress | None = None) -> Path:
+    """Export a HF checkpoint folder, .gguf file, catalog name or hub id to a verified package."""
+    _require_exporter("export")
+    from .exporter.export import ExportOptions, export as _export
+
+    opts = ExportOptions(dtype=dtype, verify=verify, force=force, trust_remote_code=trust_remote_code,
+                         allow_pickle=allow_pickle)
+    return _export(source, out_dir, options=opts, progress=progress)
+
+
+def quantize(package: str | os.PathLike, scheme: str, **options):
+    """Add an int8 or int4 variant to a package (see onnxllm.quantize.quantize for options)."""
+    from .quantize.quantize import quantize as _quantize
+
+    return _quantize(package, scheme, **options)

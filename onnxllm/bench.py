@@ -1,0 +1,115 @@
+"""`onnxllm bench`: prefill/decode speed, time to first token, load time and peak memory.
+
+Medians over runs after one warm-up, greedy, batch 1, printed with the machine, the versions and
+the execution provider, so a figure always travels with what produced it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    variant: str | None = None
+    prompt_tokens: tuple[int, ...] = (64, 512)
+    gen_tokens: int = 128
+    runs: int = 3
+    threads: int | None = None
+    device: str = "auto"
+    seed: int = 0
+
+
+def peak_rss_mib() -> float:
+    try:
+        import resource
+    except ImportError:  # Windows
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().peak_wset / 2**20
+        except (ImportError, AttributeError):
+            return float("nan")
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+
+
+def machine_info() -> dict:
+    import onnxruntime as ort
+
+    from . import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "onnxruntime": ort.__version__, "onnxllm": __version__}
+
+
+def _one_run(session, prompt: list[int], gen_tokens: int) -> tuple[float, float]:
+    session.rewind(0)
+    session.reserve(len(prompt) + gen_tokens)
+    start = time.perf_counter()
+    logits = session.forward(prompt)
+    prefill = time.perf_counter() - start
+    token = int(np.argmax(logits))
+    start = time.perf_counter()
+    for _ in range(gen_tokens - 1):
+        token = int(np.argmax(session.forward([token])))
+    return prefill, time.perf_counter() - start
+
+
+def run_bench(model: str, options: BenchOptions = BenchOptions(), *, progress: Callable[[str], None] | None = None) -> dict:
+    from .api import load
+
+    start = time.perf_counter()
+    m = load(model, device=options.device, variant=options.variant, threads=options.threads, progress=progress)
+    load_s = time.perf_counter() - start
+    rng = np.random.default_rng(options.seed)
+    vocab = m.manifest.architecture.vocab_size
+    rows = []
+    for length in options.prompt_tokens:
+        prompt = rng.integers(min(100, vocab - 1), vocab, size=length).tolist()
+        if progress:
+            progress(f"prompt {length} tokens, {options.gen_tokens} new, {options.runs} runs (+1 warm-up)")
+        _one_run(m.session, prompt, min(options.gen_tokens, 8))
+        prefills, decodes = [], []
+        for _ in range(options.runs):
+            p, d = _one_run(m.session, prompt, options.gen_tokens)
+            prefills.append(p)
+            decodes.append(d)
+        p, d = statistics.median(prefills), statistics.median(decodes)
+        rows.append({"prompt_tokens": length, "gen_tokens": options.gen_tokens,
+                     "prefill_tokens_per_s": round(length / p, 1), "time_to_first_token_ms": round(1000 * p, 1),
+                     "decode_tokens_per_s": round((options.gen_tokens - 1) / d, 1)})
+    return {"model": str(m.root), "variant": m.variant, "device": m.providers.device,
+            "providers": m.session.session.get_providers(), "threads": options.threads or "all cores",
+            "load_s": round(load_s, 3), "peak_rss_mib": round(peak_rss_mib(), 1), "results": rows,
+            "machine": machine_info(), "command": " ".join(["onnxllm", *sys.argv[1:]]) if sys.argv else ""}
+
+
+def format_bench(r: dict) -> str:
+    mc = r["machine"]
+    lines = [
+        f"model {r['model']}  variant {r['variant']}  device {r['device']}  threads {r['threads']}",
+        f"machine: {mc['cpu']}, {mc['cores']} cores; python {mc['python']}, onnxruntime {mc['onnxruntime']}, "
+        f"onnxllm {mc['onnxllm']}",
+        f"load {r['load_s']:.2f} s   peak RSS {r['peak_rss_mib']:.0f} MiB",
+        "| prompt | prefill tok/s | first token ms | decode tok/s |",
+        "|---:|---:|---:|---:|",
+    ]
+    for row in r["results"]:
+        lines.append(f"| {row['prompt_tokens']} | {row['prefill_tokens_per_s']} | {row['time_to_first_token_ms']} | "
+                     f"{row['decode_tokens_per_s']} |")
+    return "\n".join(lines)

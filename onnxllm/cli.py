@@ -1,0 +1,318 @@
+"""The `onnxllm` command: each command parses, calls one API function and prints."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import threading
+import time
+
+import click
+
+from . import __version__
+from .errors import OnnxLLMError
+
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+
+
+def _progress(message: str) -> None:
+    click.echo(click.style(f"» {message}", fg="cyan"), err=True)
+
+
+def _fail(message: str) -> None:
+    click.echo(click.style("error: ", fg="red", bold=True) + message, err=True)
+
+
+def handle_errors(fn):
+    """Known errors -> one line and exit 1; Ctrl-C -> exit 130; tracebacks only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except OnnxLLMError as exc:
+            if debug:
+                raise
+            _fail(str(exc))
+            sys.exit(EXIT_ERROR)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except OSError as exc:
+            if debug:
+                raise
+            _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+            sys.exit(EXIT_ERROR)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onnxllm")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def main(debug: bool) -> None:
+    """Run large language models offline with ONNX Runtime."""
+
+
+@main.command()
+@click.argument("source")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Package folder to write.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check ONNX against PyTorch.")
+@click.option("--force", is_flag=True, help="Replace an existing package.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code (off by default).")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) weights, which can run code.")
+@handle_errors
+def export(source, out_dir, dtype, verify, force, trust_remote_code, allow_pickle):
+    """Export SOURCE (HF folder, .gguf, catalog name or hub id) to an ONNX model package."""
+    from .api import export as api_export
+
+    start = time.perf_counter()
+    path = api_export(source, out_dir, dtype=dtype, verify=verify, force=force,
+                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=_progress)
+    click.echo(f"exported {source} -> {path} in {time.perf_counter() - start:.1f}s")
+
+
+@main.command()
+@click.argument("package", type=click.Path())
+@click.option("--scheme", type=click.Choice(["int8", "int4"]), required=True)
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
+@click.option("--asymmetric", is_flag=True, help="Asymmetric (zero-point) quantization.")
+@click.option("--exclude", multiple=True, help="Node name or glob pattern to keep in full precision (repeatable).")
+@click.option("--force", is_flag=True, help="Replace the variant if it exists.")
+@click.option("--no-eval", is_flag=True, help="Skip the short quality check.")
+@handle_errors
+def quantize(package, scheme, block_size, asymmetric, exclude, force, no_eval):
+    """Add an int8 or int4 variant to PACKAGE and measure what it costs in quality."""
+    from .api import quantize as api_quantize
+
+    result = api_quantize(package, scheme, block_size=int(block_size), symmetric=not asymmetric,
+                          exclude=tuple(exclude), force=force, evaluate=not no_eval, progress=_progress)
+    click.echo(str(result))
+
+
+def _read_prompt(prompt: str | None) -> str | None:
+    if prompt is not None:
+        return prompt
+    if not sys.stdin.isatty():
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise OnnxLLMError(f"stdin is not valid UTF-8 (byte {exc.start}); pipe UTF-8 text") from None
+    return None
+
+
+def _print_stats(timings) -> None:
+    if timings is None:
+        return
+    t = timings.as_dict()
+    click.echo(
+        click.style(
+            f"\n[prompt {t['prompt_tokens']} tok ({t['cached_tokens']} cached), prefill {t['prefill_tokens_per_s']} tok/s, "
+            f"first token {1000 * t['time_to_first_token_s']:.0f} ms, {t['generated_tokens']} tok at "
+            f"{t['decode_tokens_per_s']} tok/s]", dim=True),
+        err=True,
+    )
+
+
+def _stream_to_stdout(chunks, *, verbose: bool):
+    """Print deltas as they come; on Ctrl-C stop at once, keep what was printed, exit 130."""
+    last = None
+    try:
+        for chunk in chunks:
+            if chunk.text:
+                click.echo(chunk.text, nl=False)
+            last = chunk
+    except KeyboardInterrupt:
+        click.echo("", err=False)
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    click.echo()
+    if verbose and last is not None:
+        _print_stats(last.timings)
+    return last
+
+
+def _interactive(model, options: dict, system: str | None, verbose: bool) -> None:
+    chat = model.chat(system=system)
+    click.echo(click.style(f"chatting with {model.root.name} ({model.variant}, {model.providers.device}); "
+                           "/reset clears, /exit or Ctrl-D quits, Ctrl-C stops a reply", dim=True), err=True)
+    while True:
+        try:
+            text = click.prompt(click.style(">>>", fg="green", bold=True), prompt_suffix=" ", default="",
+                                show_default=False)
+        except (EOFError, KeyboardInterrupt, click.exceptions.Abort):
+            click.echo()
+            return
+        if text.strip() in ("/exit", "/quit", "/bye"):
+            return
+        if text.strip() == "/reset":
+            chat.reset()
+            continue
+        if not text.strip():
+            continue
+        cancel = threading.Event()
+        last = None
+        try:
+            for chunk in chat.send(text, cancel=cancel, **options):
+                click.echo(chunk.text, nl=False)
+                last = chunk
+        except KeyboardInterrupt:
+            click.echo(click.style(" [stopped]", dim=True), nl=False)
+        except OnnxLLMError as exc:
+            _fail(str(exc))
+        click.echo()
+        if verbose and last is not None:
+            _print_stats(last.timings)
+
+
+def generation_options(fn):
+    opts = [
+        click.option("--max-tokens", type=int, help="Most tokens to generate."),
+        click.option("--temperature", type=float, help="0 = greedy."),
+        click.option("--top-k", type=int),
+        click.option("--top-p", type=float),
+        click.option("--min-p", type=float),
+        click.option("--repetition-penalty", type=float),
+        click.option("--presence-penalty", type=float),
+        click.option("--frequency-penalty", type=float),
+        click.option("--seed", type=int),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--context-overflow", type=click.Choice(["error", "truncate"]),
+                     help="When a chat outgrows the context: fail (default) or drop the oldest turns."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@click.argument("model")
+@click.argument("prompt", required=False)
+@generation_options
+@click.option("--system", help="System prompt (chat mode).")
+@click.option("--chat/--raw", "chat_mode", default=None, help="Apply the chat template (default: when the model has one).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "dml"]), default="auto", show_default=True)
+@click.option("--threads", type=int, help="CPU threads (default: all cores).")
+@click.option("--context", type=int, help="Context length to allow (default: the model's).")
+@click.option("--variant", help="Package variant (fp32, int8, int4...; default: best for the device).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON result.")
+@click.option("-v", "--verbose", is_flag=True, help="Print prefill/decode speed and time to first token.")
+@handle_errors
+def run(model, prompt, system, chat_mode, device, threads, context, variant, as_json, verbose, **gen):
+    """Generate from MODEL (package, model.onnx or catalog name). No PROMPT on a terminal: chat."""
+    from .api import load
+
+    options = {k: v for k, v in gen.items() if v not in (None, ())}
+    m = load(model, device=device, variant=variant, threads=threads, context=context, progress=_progress)
+    m.config(**options)  # validate before reading stdin or starting a chat
+    if m.providers.fallback_reason and (verbose or device != "auto"):
+        click.echo(click.style(m.providers.fallback_reason, fg="yellow"), err=True)
+    text = _read_prompt(prompt)
+    use_chat = (m.template is not None) if chat_mode is None else chat_mode
+    if text is None:
+        if m.template is None:
+            raise OnnxLLMError("this model has no chat template, so it cannot chat; give a PROMPT to complete")
+        _interactive(m, options, system, verbose)
+        return
+    if as_json:
+        result = m.generate(text, chat=use_chat, system=system, **options)
+        click.echo(json.dumps({"text": result.text, "tokens": result.token_ids, "finish_reason": result.finish_reason,
+                               "timings": result.timings.as_dict() if result.timings else None,
+                               "model": str(m.root), "variant": m.variant, "device": m.providers.device},
+                              ensure_ascii=False))
+        return
+    _stream_to_stdout(m.stream(text, chat=use_chat, system=system, **options), verbose=verbose)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--system", help="System prompt.")
+@generation_options
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "dml"]), default="auto", show_default=True)
+@click.option("--variant")
+@click.option("-v", "--verbose", is_flag=True)
+@handle_errors
+def chat(model, system, device, variant, verbose, **gen):
+    """Interactive multi-turn chat with MODEL."""
+    from .api import load
+
+    options = {k: v for k, v in gen.items() if v not in (None, ())}
+    m = load(model, device=device, variant=variant, progress=_progress)
+    m.config(**options)
+    _interactive(m, options, system, verbose)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def info(model, as_json):
+    """Architecture, context, variants (sizes, how made, quality), EOS ids, providers."""
+    from .api import resolve_model
+    from .package import find_package_root, read_manifest
+    from .runtime.info import format_info, package_info
+
+    root = find_package_root(resolve_model(model, progress=_progress))
+    data = package_info(root, read_manifest(root))
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else format_info(data))
+
+
+@main.command(name="eval")
+@click.argument("package", type=click.Path())
+@click.option("--variant", help="Variant to evaluate (default: every quantized one).")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), help="UTF-8 text (default: Hamlet).")
+@click.option("--tokens", default=256, show_default=True, help="Tokens of text to score.")
+@handle_errors
+def eval_cmd(package, variant, text_file, tokens):
+    """Perplexity, and KL / top-1 / greedy agreement against fp32."""
+    from .quantize.quality import evaluate, format_report
+
+    text = None
+    if text_file:
+        with open(text_file, "rb") as f:
+            try:
+                text = f.read().decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise OnnxLLMError(f"{text_file} is not UTF-8 text (byte {exc.start})") from None
+    from .package import read_manifest
+
+    names = [variant] if variant else [v for v in read_manifest(package).variants if v != "fp32"] or ["fp32"]
+    for name in names:
+        click.echo(format_report(evaluate(package, name, text=text, max_tokens=tokens)))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--variant")
+@click.option("--prompt-tokens", default="64,512", show_default=True, help="Comma-separated prompt lengths.")
+@click.option("--gen-tokens", default=128, show_default=True)
+@click.option("--runs", default=3, show_default=True)
+@click.option("--threads", type=int)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "dml"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def bench(model, variant, prompt_tokens, gen_tokens, runs, threads, device, as_json):
+    """Prefill and decode tokens/s, time to first token, load time, peak memory."""
+    from .bench import BenchOptions, format_bench, run_bench
+
+    lengths = tuple(int(x) for x in prompt_tokens.split(",") if x.strip())
+    result = run_bench(model, BenchOptions(variant=variant, prompt_tokens=lengths, gen_tokens=gen_tokens, runs=runs,
+                                           threads=threads, device=device), progress=_progress)
+    click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
+
+
+@main.command()
+@handle_errors
+def doctor():
+    """What is installed, which execution providers work here, what to fix."""
+    from .doctor import format_report, run_doctor
+
+    click.echo(format_report(run_doctor()))
+
+
+if __name__ == "__main__":
+    main()

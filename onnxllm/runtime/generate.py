@@ -1,0 +1,234 @@
+"""Generation in three thin layers: token generator -> text stream -> blocking call.
+
+`generate_tokens` drives a session (prefill, then one decode step per token) and knows nothing
+about text; `stream_text` turns its tokens into UTF-8-safe text deltas and applies stop strings;
+the Model's `generate` just collects the stream.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field, fields, replace
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+
+from ..errors import GenerationError
+from .detokenizer import StreamingDetokenizer
+from .sampling import make_logits_processors, make_sampler, validate_sampling
+
+FINISH_REASONS = ("stop", "length", "eos", "cancelled")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Every generation option; the package's generation_config.json provides the defaults."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    # "error": prompt + max_tokens beyond the context is an error; "truncate": chats drop oldest turns.
+    context_overflow: str = "error"
+
+    def updated(self, **options) -> "GenerationConfig":
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise GenerationError(f"unknown generation option(s) {unknown}; valid: {sorted(known)}")
+        options = {k: v for k, v in options.items() if v is not None}
+        if isinstance(options.get("stop"), str):
+            options["stop"] = (options["stop"],)
+        if "stop" in options:
+            options["stop"] = tuple(options["stop"])
+        return replace(self, **options)
+
+    def validate(self) -> "GenerationConfig":
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise GenerationError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        validate_sampling(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise GenerationError(f"{name} must be a finite number, got {value!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise GenerationError("stop strings must be non-empty strings")
+        if self.context_overflow not in ("error", "truncate"):
+            raise GenerationError(f"context_overflow must be 'error' or 'truncate', got {self.context_overflow!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class Timings:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache, not prefilled again
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def time_to_first_token_s(self) -> float:
+        return self.prefill_s
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # the first token comes from prefill; decode steps made the rest
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+            "generated_tokens": self.generated_tokens, "prefill_s": round(self.prefill_s, 4),
+            "decode_s": round(self.decode_s, 4), "time_to_first_token_s": round(self.time_to_first_token_s, 4),
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 1),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 1),
+        }
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a stream: a text delta and the token that made it; the last carries finish_reason."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None = None
+    timings: Timings | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    timings: Timings = field(default_factory=Timings)
+
+
+class Session(Protocol):
+    """What the generator needs from a decoder session (a fake with scripted logits fits too)."""
+
+    tokens: list[int]
+
+    def forward(self, ids: Sequence[int]) -> np.ndarray: ...
+    def common_prefix(self, ids: Sequence[int]) -> int: ...
+    def rewind(self, n: int) -> None: ...
+    def reserve(self, total: int) -> None: ...
+
+
+@dataclass
+class TokenEvent:
+    token: int | None
+    finish_reason: str | None
+    timings: Timings
+
+
+def generate_tokens(session: Session, prompt_ids: Sequence[int], config: GenerationConfig, *,
+                    eos_ids: Sequence[int] = (), cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
+    """Prefill `prompt_ids` (reusing the cached prefix), then decode one token per step.
+
+    The last event has token None and a finish_reason: eos, length or cancelled.
+    """
+    if not prompt_ids:
+        raise GenerationError("the prompt is empty; give at least one token of input")
+    prompt_ids = list(prompt_ids)
+    session.reserve(len(prompt_ids) + config.max_tokens)
+    # Reuse the KV cache for the longest common prefix; at least one token must be fed for logits.
+    cached = min(session.common_prefix(prompt_ids), len(prompt_ids) - 1)
+    session.rewind(cached)
+    rng = np.random.default_rng(config.seed)
+    sample = make_sampler(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                          min_p=config.min_p, rng=rng)
+    process = make_logits_processors(repetition_penalty=config.repetition_penalty,
+                                     presence_penalty=config.presence_penalty,
+                                     frequency_penalty=config.frequency_penalty)
+    penalties = (config.repetition_penalty != 1.0 or config.presence_penalty != 0.0
+                 or config.frequency_penalty != 0.0)
+    history = list(prompt_ids)
+    eos = set(eos_ids)
+
+    def timings(generated: int, prefill_s: float, decode_s: float) -> Timings:
+        return Timings(len(prompt_ids), cached, generated, prefill_s, decode_s)
+
+    start = time.perf_counter()
+    if cancel is not None and cancel.is_set():
+        yield TokenEvent(None, "cancelled", timings(0, 0.0, 0.0))
+        return
+    logits = session.forward(prompt_ids[cached:])
+    prefill_s = time.perf_counter() - start
+    decode_start = time.perf_counter()
+    generated = 0
+    while True:
+        if penalties:
+            logits = process(logits, history, len(prompt_ids))
+        token = sample(logits)
+        generated += 1
+        history.append(token)
+        if token in eos:
+            yield TokenEvent(None, "eos", timings(generated - 1, prefill_s, time.perf_counter() - decode_start))
+            return
+        yield TokenEvent(token, None, timings(generated, prefill_s, time.perf_counter() - decode_start))
+        if generated >= config.max_tokens:
+            yield TokenEvent(None, "length", timings(generated, prefill_s, time.perf_counter() - decode_start))
+            return
+        if cancel is not None and cancel.is_set():
+            yield TokenEvent(None, "cancelled", timings(generated, prefill_s, time.perf_counter() - decode_start))
+            return
+        logits = session.forward([token])
+
+
+def _stop_hit(text: str, stops: Sequence[str]) -> int | None:
+    """Index where the earliest stop string starts in text, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters could still grow into a stop string (must not be shown yet)."""
+    keep = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                keep = max(keep, n)
+                break
+    return keep
+
+
+def stream_text(events: Iterator[TokenEvent], tokenizer, config: GenerationConfig) -> Iterator[Chunk]:
+    """Text deltas from token events; cuts exactly at the first stop string."""
+    detok = StreamingDetokenizer(tokenizer)
+    pending = ""  # decoded but not yet shown, because it may be the start of a stop string
+    for event in events:
+        if event.token is None:
+            tail = pending + detok.flush()
+            hit = _stop_hit(tail, config.stop) if config.stop else None
+            if hit is not None:
+                yield Chunk(tail[:hit], None, "stop", event.timings)
+            else:
+                yield Chunk(tail, None, event.finish_reason, event.timings)
+            return
+        pending += detok.add(event.token)
+        if config.stop:
+            hit = _stop_hit(pending, config.stop)
+            if hit is not None:
+                yield Chunk(pending[:hit], event.token, None)
+                yield Chunk("", None, "stop", event.timings)
+                events.close()
+                return
+            shown = len(pending) - _held_back(pending, config.stop)
+            delta, pending = pending[:shown], pending[shown:]
+        else:
+            delta, pending = pending, ""
+        yield Chunk(delta, event.token, None)

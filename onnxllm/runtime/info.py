@@ -1,0 +1,88 @@
+"""What a package holds, for `onnxllm info` and Model.info()."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..package import Manifest, safe_path
+
+
+def _size(root: Path, file: str) -> int:
+    path = safe_path(root, file)
+    total = path.stat().st_size if path.is_file() else 0
+    data = path.with_name(path.name + ".data")
+    return total + (data.stat().st_size if data.is_file() else 0)
+
+
+def package_info(root: Path, manifest: Manifest, *, providers=None) -> dict:
+    import onnxruntime as ort
+
+    quality = {}
+    qpath = root / "quality.json"
+    if qpath.is_file():
+        try:
+            quality = json.loads(qpath.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            quality = {"error": "quality.json is not valid JSON"}
+    variants = {}
+    for name, v in manifest.variants.items():
+        variants[name] = {"file": v.file, "scheme": v.scheme, "dtype": v.dtype, "bytes": _size(root, v.file),
+                          "method": v.method, "quality": quality.get(name) if isinstance(quality, dict) else None}
+    a = manifest.architecture
+    return {
+        "package": str(root),
+        "architecture": a.model_type,
+        "parameters": a.parameters,
+        "layers": a.num_layers,
+        "hidden_size": a.hidden_size,
+        "heads": f"{a.num_heads} query / {a.num_kv_heads} kv, head_dim {a.head_dim}",
+        "vocab_size": a.vocab_size,
+        "context_length": a.context_length,
+        "variants": variants,
+        "default_variant": manifest.default_variant,
+        "eos_token_ids": manifest.eos_token_ids,
+        "bos_token_id": manifest.bos_token_id,
+        "chat_template": manifest.chat_template is not None,
+        "source": manifest.source,
+        "verification": manifest.verification,
+        "execution_providers_here": ort.get_available_providers(),
+        "device_selected": getattr(providers, "device", None),
+    }
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_info(info: dict) -> str:
+    lines = [
+        f"package        {info['package']}",
+        f"architecture   {info['architecture']}, {info['parameters'] / 1e6:.1f}M parameters, {info['layers']} layers, "
+        f"hidden {info['hidden_size']}, heads {info['heads']}",
+        f"vocabulary     {info['vocab_size']}",
+        f"context        {info['context_length']} tokens",
+        f"eos ids        {info['eos_token_ids']}   bos id {info['bos_token_id']}",
+        f"chat template  {'yes' if info['chat_template'] else 'no'}",
+        f"source         {info['source'].get('kind', '?')}: {info['source'].get('name', '?')}",
+        "variants:",
+    ]
+    for name, v in info["variants"].items():
+        defaults = [dev for dev, var in info["default_variant"].items() if var == name]
+        how = v["method"].get("operator") or v["method"].get("exporter") or ""
+        extra = f" (default on {', '.join(defaults)})" if defaults else ""
+        lines.append(f"  {name:<6} {_human(v['bytes']):>10}  {v['file']}  {how}{extra}")
+        q = v.get("quality")
+        if isinstance(q, dict) and "perplexity" in q:
+            parts = [f"perplexity {q['perplexity']:.3f}"]
+            if q.get("top1_agreement") is not None:
+                parts.append(f"top-1 vs fp32 {100 * q['top1_agreement']:.1f}%")
+            if q.get("kl_divergence") is not None:
+                parts.append(f"KL {q['kl_divergence']:.4f}")
+            lines.append("         " + ", ".join(parts))
+    lines.append(f"providers here {', '.join(info['execution_providers_here'])}")
+    return "\n".join(lines)

@@ -1,0 +1,268 @@
+"""The embeddable API: `load()` a package, then `generate`, `stream` or `chat`.
+
+A Model serializes its own use: two threads calling it at once take turns (never mix their KV
+cache). Every call reuses the cached prefix of the previous one, so a chat turn prefills only
+its new tokens.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from ..errors import ContextOverflowError, GenerationError, InvalidPackageError
+from ..package import Manifest, find_package_root, read_manifest, safe_path
+from .chat_template import ChatTemplate
+from .generate import Chunk, GenerationConfig, GenerationResult, generate_tokens, stream_text
+from .providers import ProviderChoice, select_providers, session_options
+from .session import DecoderSession, SessionConfig, open_session
+
+Messages = list[dict]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str = "auto"
+    variant: str | None = None
+    threads: int | None = None
+    context: int | None = None
+    optimization: str = "all"
+    kv_mode: str = "shared"
+    io_binding: bool = True
+
+
+def _check_text(text: str) -> str:
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise GenerationError(f"the prompt is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not isinstance(text, str):
+        raise GenerationError(f"the prompt must be a string, got {type(text).__name__}")
+    if "\x00" in text:
+        raise GenerationError("the prompt contains a NUL character; remove it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise GenerationError("the prompt contains invalid Unicode (a lone surrogate); it cannot be encoded as UTF-8") from None
+    return text
+
+
+class Model:
+    """A loaded package: tokenizer, chat template, one decoder session."""
+
+    def __init__(self, root: Path, manifest: Manifest, variant: str, session: DecoderSession, tokenizer,
+                 template: ChatTemplate | None, choice: ProviderChoice):
+        self.root = root
+        self.manifest = manifest
+        self.variant = variant
+        self.session = session
+        self.tokenizer = tokenizer
+        self.template = template
+        self.providers = choice
+        self.defaults = GenerationConfig().updated(**{
+            k: v for k, v in {"max_tokens": manifest.generation.get("max_new_tokens"),
+                              "temperature": manifest.generation.get("temperature"),
+                              "top_k": manifest.generation.get("top_k"),
+                              "top_p": manifest.generation.get("top_p"),
+                              "repetition_penalty": manifest.generation.get("repetition_penalty")}.items()
+            if v is not None})
+        self._lock = threading.Lock()
+
+    # -- prompts -> token ids ------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(_check_text(text), add_special_tokens=False).ids
+        if self.manifest.add_bos_token and self.manifest.bos_token_id is not None:
+            ids = [self.manifest.bos_token_id, *ids]
+        return ids
+
+    def render(self, messages: Messages, *, add_generation_prompt: bool = True) -> str:
+        if self.template is None:
+            raise GenerationError(f"this model ({self.root.name}) has no chat template; pass a plain prompt (--raw)")
+        for m in messages:
+            if isinstance(m, dict) and isinstance(m.get("content"), str):
+                _check_text(m["content"])
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def prompt_ids(self, prompt: str | Messages, *, chat: bool = False, system: str | None = None) -> list[int]:
+        if isinstance(prompt, list):
+            return self.encode_chat(prompt)
+        text = _check_text(prompt)
+        if not text:
+            raise GenerationError("the prompt is empty; give some text")
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+            return self.encode_chat(messages)
+        return self.encode(text)
+
+    def encode_chat(self, messages: Messages) -> list[int]:
+        # Templates write their own BOS/special tokens as text; the tokenizer maps them to ids.
+        return self.tokenizer.encode(self.render(messages), add_special_tokens=False).ids
+
+    # -- generation ----------------------------------------------------------------------------
+    def config(self, **options) -> GenerationConfig:
+        return self.defaults.updated(**options).validate()
+
+    def stream_ids(self, ids: Sequence[int], config: GenerationConfig, *, cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        """Stream from token ids (the layer chat and prompt-level calls share)."""
+        with self._lock:
+            total = len(ids) + config.max_tokens
+            if total > self.session.context:
+                raise ContextOverflowError(
+                    f"prompt ({len(ids)} tokens) + max_tokens ({config.max_tokens}) = {total} exceeds the context "
+                    f"of {self.session.context} tokens; shorten the prompt or lower max_tokens"
+                )
+            events = generate_tokens(self.session, ids, config, eos_ids=self.manifest.eos_token_ids, cancel=cancel)
+            yield from stream_text(events, self.tokenizer, config)
+
+    def stream(self, prompt: str | Messages, *, cancel: threading.Event | None = None, chat: bool = False,
+               system: str | None = None, **options) -> Iterator[Chunk]:
+        """Yield Chunks as they are generated; the last one carries finish_reason and timings.
+
+        Breaking out of the loop, or setting `cancel` from another thread, stops generation within
+        one token; the model stays ready for the next call.
+        """
+        config = self.config(**options)
+        ids = self.prompt_ids(prompt, chat=chat, system=system)
+        return self.stream_ids(ids, config, cancel=cancel)
+
+    def generate(self, prompt: str | Messages, *, cancel: threading.Event | None = None, chat: bool = False,
+                 system: str | None = None, **options) -> GenerationResult:
+        """The whole answer: text, token ids, finish reason (stop, length, eos, cancelled), timings."""
+        return collect(self.stream(prompt, cancel=cancel, chat=chat, system=system, **options))
+
+    def chat(self, system: str | None = None, **options) -> "Chat":
+        return Chat(self, system=system, **options)
+
+    def info(self) -> dict:
+        from .info import package_info
+
+        return package_info(self.root, self.manifest, providers=self.providers)
+
+
+def collect(chunks: Iterator[Chunk]) -> GenerationResult:
+    text, tokens, finish, timings = [], [], "length", None
+    for chunk in chunks:
+        text.append(chunk.text)
+        if chunk.token is not None:
+            tokens.append(chunk.token)
+        if chunk.finish_reason:
+            finish, timings = chunk.finish_reason, chunk.timings
+    return GenerationResult("".join(text), tokens, finish, timings)
+
+
+class Chat:
+    """A multi-turn conversation; the KV cache carries over, so each turn prefills only new tokens."""
+
+    def __init__(self, model: Model, *, system: str | None = None, **options):
+        if model.template is None:
+            raise GenerationError("this model has no chat template; use model.generate() with a plain prompt")
+        self.model = model
+        self.system = system
+        self.options = options
+        self.messages: Messages = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def _fit(self, config: GenerationConfig) -> list[int]:
+        """Token ids of the conversation; drops the oldest turns only when asked to (never silently)."""
+        while True:
+            ids = self.model.encode_chat(self.messages)
+            if len(ids) + config.max_tokens <= self.model.session.context:
+                return ids
+            first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+            if config.context_overflow != "truncate" or len(self.messages) - first <= 1:
+                raise ContextOverflowError(
+                    f"the conversation ({len(ids)} tokens) + max_tokens ({config.max_tokens}) exceeds the context of "
+                    f"{self.model.session.context} tokens; start a new chat (reset), lower max_tokens, or pass "
+                    "context_overflow='truncate' to drop the oldest turns"
+                )
+            del self.messages[first:first + 2]  # the oldest user turn and its reply
+
+    def send(self, text: str, *, cancel: threading.Event | None = None, **options) -> Iterator[Chunk]:
+        """Stream the reply to `text`; the reply joins the history when the stream ends (or is cut)."""
+        text = _check_text(text)
+        if not text.strip():
+            raise GenerationError("the message is empty; type something")
+        config = self.model.config(**{**self.options, **options})
+        self.messages.append({"role": "user", "content": text})
+        try:
+            ids = self._fit(config)
+        except Exception:
+            self.messages.pop()
+            raise
+        reply = []
+        try:
+            for chunk in self.model.stream_ids(ids, config, cancel=cancel):
+                reply.append(chunk.text)
+                yield chunk
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(reply)})
+
+    def ask(self, text: str, **options) -> GenerationResult:
+        return collect(self.send(text, **options))
+
+
+def _pick_variant(manifest: Manifest, variant: str | None, device: str) -> str:
+    if variant is not None:
+        if variant not in manifest.variants:
+            raise InvalidPackageError(
+                f"variant {variant!r} is not in this package; it has: {', '.join(manifest.variants)} "
+                f"(make one with `onnxllm quantize PACKAGE --scheme {variant}`)"
+            )
+        return variant
+    return manifest.default_variant.get(device) or manifest.default_variant.get("cpu") or next(iter(manifest.variants))
+
+
+def load_tokenizer(root: Path, manifest: Manifest):
+    from tokenizers import Tokenizer
+
+    path = safe_path(root, manifest.tokenizer)
+    if not path.is_file():
+        raise InvalidPackageError(f"{root} has no {manifest.tokenizer}; the package is incomplete: re-export it")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+        raise InvalidPackageError(f"{path} is not a valid tokenizer file: {str(exc)[:200]}") from None
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > manifest.architecture.vocab_size:
+        raise InvalidPackageError(
+            f"the tokenizer has {size} tokens but the model has only {manifest.architecture.vocab_size} logits: "
+            "tokenizer.json belongs to another model; restore the package's own tokenizer"
+        )
+    return tokenizer
+
+
+def load_package(path: str | Path, options: LoadOptions = LoadOptions()) -> Model:
+    root = find_package_root(path)
+    manifest = read_manifest(root)
+    choice = select_providers(options.device)
+    name = _pick_variant(manifest, options.variant, choice.device)
+    onnx_path = safe_path(root, manifest.variants[name].file)
+    if not onnx_path.is_file():
+        raise InvalidPackageError(f"{onnx_path} is missing; the package is incomplete: re-export it")
+    tokenizer = load_tokenizer(root, manifest)
+    template = None
+    if manifest.chat_template:
+        template_path = safe_path(root, manifest.chat_template)
+        if template_path.is_file():
+            special = {"bos_token": None, "eos_token": None}
+            cfg_path = root / "tokenizer_config.json"
+            if cfg_path.is_file():
+                import json
+
+                try:
+                    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+                    special = {k: cfg.get(k) if isinstance(cfg.get(k), str) else None for k in special}
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    pass
+            template = ChatTemplate(template_path.read_text(encoding="utf-8"), **special)
+    sess_opts = session_options(threads=options.threads, optimization=options.optimization)
+    session = open_session(onnx_path, manifest, providers=choice.providers, options=sess_opts,
+                           config=SessionConfig(kv_mode=options.kv_mode, io_binding=options.io_binding),
+                           context=options.context)
+    return Model(root, manifest, name, session, tokenizer, template, choice)

@@ -1,0 +1,222 @@
+"""The decoder session: one ONNX Runtime session, its KV cache and its IO binding.
+
+It owns the cache; callers only say which tokens to feed. It knows nothing about text.
+Two cache modes behind one interface:
+  - "shared": one preallocated (1, kv_heads, capacity, head_dim) buffer per layer and K/V, bound as
+    both past and present, which GroupQueryAttention updates in place. No per-token allocation, and
+    on CUDA the cache never leaves the device.
+  - "growing": each step's present tensors become the next step's past (ORT allocates them);
+    the layout optimum and transformers.js use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import ContextOverflowError, InvalidPackageError
+from ..package import Manifest
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    kv_mode: str = "shared"  # "shared" | "growing"
+    io_binding: bool = True
+    initial_capacity: int = 256  # shared mode grows (doubling) up to the context length
+
+
+def _device_of(providers: Sequence[str]) -> tuple[str, int]:
+    return ("cuda", 0) if providers and providers[0] == "CUDAExecutionProvider" else ("cpu", 0)
+
+
+class DecoderSession:
+    """prefill/decode over a KV cache that remembers which tokens it holds (for prefix reuse)."""
+
+    def __init__(self, ort_session, manifest: Manifest, *, config: SessionConfig = SessionConfig(), context: int | None = None):
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.session = ort_session
+        self.manifest = manifest
+        self.config = config
+        arch = manifest.architecture
+        self.context = min(context or arch.context_length, arch.context_length)
+        self.io = manifest.io
+        self.num_layers = arch.num_layers
+        self._kv_shape = (1, arch.num_kv_heads, 0, arch.head_dim)
+        self._kv_dtype = _NP_DTYPES.get(manifest.kv_cache.dtype, np.float32)
+        self._device = _device_of(ort_session.get_providers())
+        self._check_io()
+        self.tokens: list[int] = []  # what the cache holds, position by position
+        self._kv: list = []  # OrtValues: [k0, v0, k1, v1, ...]
+        self._capacity = 0
+        self._mask = np.ones((1, self.context), dtype=np.int64)
+        self.reset()
+
+    # -- public -----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.architecture.vocab_size
+
+    @property
+    def position(self) -> int:
+        return len(self.tokens)
+
+    def reset(self) -> None:
+        self.tokens = []
+        if self.config.kv_mode == "growing":
+            empty = np.zeros(self._kv_shape, self._kv_dtype)
+            self._kv = [self._ort.OrtValue.ortvalue_from_numpy(empty, *self._device) for _ in range(2 * self.num_layers)]
+            self._capacity = self.context
+        elif not self._kv:
+            self._allocate(min(self.config.initial_capacity, self.context))
+
+    def rewind(self, n: int) -> None:
+        """Keep only the first n cached tokens. Shared buffers need no copy: lengths come from the mask."""
+        if n >= len(self.tokens):
+            return
+        if self.config.kv_mode == "growing":
+            if n == 0:
+                self.reset()
+                return
+            sliced = [self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :n]), *self._device)
+                      for v in self._kv]
+            self._kv = sliced
+        self.tokens = self.tokens[:n]
+
+    def common_prefix(self, ids: Sequence[int]) -> int:
+        n = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def reserve(self, total: int) -> None:
+        """Make room for `total` tokens; raises ContextOverflowError past the context length."""
+        if total > self.context:
+            raise ContextOverflowError(
+                f"{total} tokens do not fit the context of {self.context}; shorten the prompt, lower max_tokens, "
+                "or raise --context (up to the model's context length)"
+            )
+        if self.config.kv_mode == "shared" and total > self._capacity:
+            self._allocate(min(self.context, max(total, 2 * self._capacity)))
+
+    def forward(self, ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        """Feed `ids` after the cached tokens; logits of the last position (vocab,), or all (len, vocab)."""
+        ids = list(ids)
+        start = len(self.tokens)
+        self.reserve(start + len(ids))
+        feed_ids = np.asarray([ids], dtype=np.int64)  # (1, S)
+        positions = np.arange(start, start + len(ids), dtype=np.int64)[None]  # (1, S)
+        mask = self._mask[:, : start + len(ids)]  # (1, T): a view, no allocation
+        if self.config.io_binding:
+            logits = self._run_bound(feed_ids, mask, positions)
+        else:
+            logits = self._run_plain(feed_ids, mask, positions)
+        self.tokens.extend(ids)
+        return logits[0] if all_logits else logits[0, -1]
+
+    # -- internals --------------------------------------------------------------------------
+    def _check_io(self) -> None:
+        names = {i.name for i in self.session.get_inputs()}
+        needed = {self.io.input_ids, self.io.attention_mask, self.io.past_key.format(0)}
+        missing = sorted(needed - names)
+        if missing:
+            raise InvalidPackageError(
+                f"the ONNX model lacks inputs {missing} that the manifest names; re-export the package"
+            )
+        logits = next((o for o in self.session.get_outputs() if o.name == self.io.logits), None)
+        vocab = logits.shape[-1] if logits is not None else None
+        if isinstance(vocab, int) and vocab != self.manifest.architecture.vocab_size:
+            raise InvalidPackageError(
+                f"the model's logits have {vocab} entries but the manifest says vocab_size "
+                f"{self.manifest.architecture.vocab_size}; re-export the package"
+            )
+
+    def _allocate(self, capacity: int) -> None:
+        """(Re)allocate the shared buffers, keeping what the cache holds."""
+        shape = (1, self._kv_shape[1], capacity, self._kv_shape[3])
+        kept = len(self.tokens)
+        new = []
+        for old in self._kv or [None] * (2 * self.num_layers):
+            buf = np.zeros(shape, self._kv_dtype)
+            if old is not None and kept:
+                buf[:, :, :kept] = old.numpy()[:, :, :kept]
+            new.append(self._ort.OrtValue.ortvalue_from_numpy(buf, *self._device))
+        self._kv = new
+        self._capacity = capacity
+
+    def _names(self, i: int) -> tuple[str, str, str, str]:
+        io = self.io
+        return io.past_key.format(i), io.past_value.format(i), io.present_key.format(i), io.present_value.format(i)
+
+    def _run_bound(self, ids, mask, positions) -> np.ndarray:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.io.input_ids, ids)
+        binding.bind_cpu_input(self.io.attention_mask, mask)
+        binding.bind_cpu_input(self.io.position_ids, positions)
+        binding.bind_output(self.io.logits, "cpu")  # first: get_outputs() keeps binding order
+        shared = self.config.kv_mode == "shared"
+        for i in range(self.num_layers):
+            pk, pv, ck, cv = self._names(i)
+            binding.bind_ortvalue_input(pk, self._kv[2 * i])
+            binding.bind_ortvalue_input(pv, self._kv[2 * i + 1])
+            if shared:  # past and present are one buffer: GroupQueryAttention writes in place
+                binding.bind_ortvalue_output(ck, self._kv[2 * i])
+                binding.bind_ortvalue_output(cv, self._kv[2 * i + 1])
+            else:
+                binding.bind_output(ck, self._device[0], self._device[1])
+                binding.bind_output(cv, self._device[0], self._device[1])
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        if not shared:
+            self._kv = outputs[1:]
+        return outputs[0].numpy()
+
+    def _run_plain(self, ids, mask, positions) -> np.ndarray:
+        """Without IO binding: numpy in, numpy out (the reference path the bound one is tested against)."""
+        feed = {self.io.input_ids: ids, self.io.attention_mask: np.ascontiguousarray(mask), self.io.position_ids: positions}
+        kept = len(self.tokens)
+        for i in range(self.num_layers):
+            pk, pv, _, _ = self._names(i)
+            feed[pk] = np.ascontiguousarray(self._kv[2 * i].numpy()[:, :, :kept] if self.config.kv_mode == "shared" else self._kv[2 * i].numpy())
+            feed[pv] = np.ascontiguousarray(self._kv[2 * i + 1].numpy()[:, :, :kept] if self.config.kv_mode == "shared" else self._kv[2 * i + 1].numpy())
+        out = self.session.run(None, feed)
+        names = [o.name for o in self.session.get_outputs()]
+        by_name = dict(zip(names, out))
+        total = kept + ids.shape[1]
+        for i in range(self.num_layers):
+            _, _, ck, cv = self._names(i)
+            if self.config.kv_mode == "shared":
+                self._write_shared(2 * i, by_name[ck], kept, total)
+                self._write_shared(2 * i + 1, by_name[cv], kept, total)
+            else:
+                self._kv[2 * i] = self._ort.OrtValue.ortvalue_from_numpy(by_name[ck], *self._device)
+                self._kv[2 * i + 1] = self._ort.OrtValue.ortvalue_from_numpy(by_name[cv], *self._device)
+        return by_name[self.io.logits]
+
+    def _write_shared(self, index: int, present: np.ndarray, kept: int, total: int) -> None:
+        buf = self._kv[index].numpy().copy()
+        buf[:, :, kept:total] = present[:, :, kept:total]
+        self._kv[index] = self._ort.OrtValue.ortvalue_from_numpy(buf, *self._device)
+
+
+def open_session(onnx_path: Path, manifest: Manifest, *, providers: list, options, config: SessionConfig = SessionConfig(),
+                 context: int | None = None) -> DecoderSession:
+    """An InferenceSession over a package's .onnx; ORT errors become InvalidPackageError."""
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile classes, not a common base
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidPackageError(
+            f"ONNX Runtime cannot load {onnx_path}: {first[:300]}; the file may be truncated or corrupt: re-export it"
+        ) from None
+    return DecoderSession(sess, manifest, config=config, context=context)

@@ -1,0 +1,306 @@
+"""Runtime: the generation loop (fake session with scripted logits) and real ONNX Runtime sessions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onnxllm
+from onnxllm.errors import ContextOverflowError, GenerationError, InvalidPackageError
+from onnxllm.runtime.generate import GenerationConfig, generate_tokens, stream_text
+from onnxllm.runtime.model import LoadOptions, load_package
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+class FakeSession:
+    """Scripted logits: token t is followed by the token in `script[t]`; records what was fed."""
+
+    def __init__(self, vocab=16, script=None):
+        self.vocab = vocab
+        self.script = script or {}
+        self.tokens: list[int] = []
+        self.fed: list[list[int]] = []
+
+    def _logits(self, last):
+        out = np.linspace(0.0, 1.0, self.vocab, dtype=np.float32)  # a smooth spread for sampling
+        out[self.script.get(last, (last + 1) % self.vocab)] = 5.0
+        return out
+
+    def forward(self, ids):
+        self.fed.append(list(ids))
+        self.tokens.extend(ids)
+        return self._logits(self.tokens[-1])
+
+    def common_prefix(self, ids):
+        n = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def rewind(self, n):
+        self.tokens = self.tokens[:n]
+
+    def reserve(self, total):
+        if total > 64:
+            raise ContextOverflowError("too long")
+
+
+def _tokens(events):
+    return [e.token for e in events if e.token is not None]
+
+
+def test_greedy_follows_script_and_respects_max_tokens():
+    s = FakeSession()
+    events = list(generate_tokens(s, [1, 2], GenerationConfig(max_tokens=5)))
+    assert _tokens(events) == [3, 4, 5, 6, 7]
+    assert events[-1].finish_reason == "length"
+    assert s.fed == [[1, 2], [3], [4], [5], [6]]  # prefill once, then one token per step
+
+
+def test_eos_stops_and_is_not_returned():
+    events = list(generate_tokens(FakeSession(), [1], GenerationConfig(max_tokens=10), eos_ids=[4]))
+    assert _tokens(events) == [2, 3]
+    assert events[-1].finish_reason == "eos"
+
+
+def test_seed_reproducible_and_temperature_zero_deterministic():
+    cfg = GenerationConfig(max_tokens=12, temperature=1.5, seed=7)
+    a = _tokens(generate_tokens(FakeSession(), [1], cfg))
+    b = _tokens(generate_tokens(FakeSession(), [1], cfg))
+    c = _tokens(generate_tokens(FakeSession(), [1], GenerationConfig(max_tokens=12, temperature=1.5, seed=8)))
+    assert a == b and a != c
+    g = GenerationConfig(max_tokens=12)
+    assert _tokens(generate_tokens(FakeSession(), [1], g)) == _tokens(generate_tokens(FakeSession(), [1], g))
+
+
+def test_prefix_reuse_prefills_only_new_tokens():
+    s = FakeSession()
+    list(generate_tokens(s, [1, 2, 3], GenerationConfig(max_tokens=2)))
+    s.fed.clear()
+    list(generate_tokens(s, [1, 2, 3, 4, 9, 9], GenerationConfig(max_tokens=1)))
+    assert s.fed[0] == [9, 9]  # 1,2,3,4 were in the cache (4 was generated)
+
+
+def test_cancel_before_and_during():
+    cancel = threading.Event()
+    cancel.set()
+    events = list(generate_tokens(FakeSession(), [1], GenerationConfig(max_tokens=10), cancel=cancel))
+    assert events[-1].finish_reason == "cancelled" and not _tokens(events)
+    cancel = threading.Event()
+    got = []
+    for e in generate_tokens(FakeSession(), [1], GenerationConfig(max_tokens=10), cancel=cancel):
+        got.append(e)
+        cancel.set()
+    assert len(_tokens(got)) == 1 and got[-1].finish_reason == "cancelled"
+
+
+class CharTokenizer:
+    """decode() of ids as characters: enough to test stop strings."""
+
+    def __init__(self, alphabet):
+        self.alphabet = alphabet
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.alphabet[i] for i in ids)
+
+
+def test_stop_string_cuts_exactly():
+    alphabet = "abcdefghijklmnop"
+    events = generate_tokens(FakeSession(), [0], GenerationConfig(max_tokens=10))
+    chunks = list(stream_text(events, CharTokenizer(alphabet), GenerationConfig(stop=("def",))))
+    assert "".join(c.text for c in chunks) == "bc"
+    assert chunks[-1].finish_reason == "stop"
+    # a stop string that never completes is flushed as text
+    events = generate_tokens(FakeSession(), [0], GenerationConfig(max_tokens=3))
+    chunks = list(stream_text(events, CharTokenizer(alphabet), GenerationConfig(stop=("dX",))))
+    assert "".join(c.text for c in chunks) == "bcd" and chunks[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
+                                 dict(max_tokens=0), dict(min_p=2), dict(min_p=-0.1), dict(nonsense=1)])
+def test_bad_options_are_errors(tiny_llama, bad):
+    m = onnxllm.load(tiny_llama)
+    with pytest.raises(GenerationError):
+        m.generate("hello", **bad)
+
+
+@pytest.mark.parametrize("prompt", ["", "a\x00b", b"\xff\xfe", "bad \udcff"])
+def test_bad_prompts_are_errors(tiny_llama, prompt):
+    with pytest.raises(GenerationError):
+        onnxllm.load(tiny_llama).generate(prompt)
+
+
+def test_prompt_longer_than_context(tiny_llama):
+    m = onnxllm.load(tiny_llama, context=32)
+    with pytest.raises(ContextOverflowError, match="exceeds the context of 32"):
+        m.generate("x" * 40, max_tokens=4)
+    assert m.generate("hi", max_tokens=4).token_ids  # still usable
+
+
+def test_cached_decode_equals_full_recompute(tiny_llama):
+    m = onnxllm.load(tiny_llama)
+    ids = m.encode("the quick brown fox jumps over the lazy dog")
+    s = m.session
+    s.rewind(0)
+    full = s.forward(ids, all_logits=True)
+    s.rewind(0)
+    step = [s.forward(ids[:4])]
+    step += [s.forward([t]) for t in ids[4:]]
+    np.testing.assert_allclose(np.stack(step), full[3:], atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_mode,io_binding", [("shared", False), ("growing", True), ("growing", False)])
+def test_cache_modes_and_io_binding_equal_reference(tiny_llama, kv_mode, io_binding):
+    ref = onnxllm.load(tiny_llama).generate("the theory", max_tokens=24)
+    other = onnxllm.load(tiny_llama, kv_mode=kv_mode, io_binding=io_binding).generate("the theory", max_tokens=24)
+    assert other.token_ids == ref.token_ids
+
+
+def test_shared_cache_grows_past_initial_capacity(tiny_llama):
+    m = load_package(tiny_llama, LoadOptions())
+    m.session.config = type(m.session.config)(initial_capacity=8)
+    ref = onnxllm.load(tiny_llama, kv_mode="growing").generate("the one", max_tokens=40)
+    m.session._kv, m.session.tokens = [], []
+    m.session.reset()
+    assert m.session._capacity == 8
+    assert m.generate("the one", max_tokens=40).token_ids == ref.token_ids
+
+
+def test_stream_equals_generate_and_full_decode(tiny_llama):
+    m = onnxllm.load(tiny_llama)
+    chunks = list(m.stream("in the", max_tokens=30, temperature=1.0, seed=3))
+    result = m.generate("in the", max_tokens=30, temperature=1.0, seed=3)
+    assert "".join(c.text for c in chunks) == result.text
+    assert [c.token for c in chunks if c.token is not None] == result.token_ids
+    assert result.text == m.tokenizer.decode(result.token_ids)
+    assert chunks[-1].finish_reason in ("length", "eos") and chunks[-1].timings.generated_tokens >= 1
+
+
+def test_break_out_of_stream_leaves_model_ready(tiny_llama):
+    m = onnxllm.load(tiny_llama)
+    for i, _ in enumerate(m.stream("the", max_tokens=50)):
+        if i == 3:
+            break
+    assert m.generate("the", max_tokens=5).token_ids == onnxllm.load(tiny_llama).generate("the", max_tokens=5).token_ids
+
+
+def test_cancel_from_another_thread(tiny_llama):
+    m = onnxllm.load(tiny_llama)
+    cancel = threading.Event()
+    seen = []
+    for chunk in m.stream("the", max_tokens=200, cancel=cancel):
+        seen.append(chunk)
+        if len(seen) == 3:
+            t = threading.Thread(target=cancel.set)
+            t.start()
+            t.join()
+    assert seen[-1].finish_reason == "cancelled"
+    assert len([c for c in seen if c.token is not None]) == 3  # stopped within one token
+    assert m.generate("the", max_tokens=3).finish_reason in ("length", "eos")
+
+
+def test_two_threads_one_model_serialized(tiny_llama):
+    m = onnxllm.load(tiny_llama)
+    prompts = ["the man", "in an hour", "out of the house", "thin"]
+    expected = [m.generate(p, max_tokens=16).token_ids for p in prompts]
+    results = {}
+
+    def work(i):
+        results[i] = m.generate(prompts[i], max_tokens=16).token_ids
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(len(prompts))] == expected
+
+
+def test_two_models_side_by_side(tiny_llama, tiny_gpt2):
+    a, b = onnxllm.load(tiny_llama), onnxllm.load(tiny_gpt2)
+    ra, rb = a.generate("the", max_tokens=8), b.generate("the", max_tokens=8)
+    assert a.generate("the", max_tokens=8).token_ids == ra.token_ids
+    assert b.generate("the", max_tokens=8).token_ids == rb.token_ids
+
+
+def _with_template(pkg: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "chatpkg"
+    shutil.copytree(pkg, out)
+    (out / "chat_template.jinja").write_text(CHATML)
+    manifest = json.loads((out / "onnxllm.json").read_text())
+    manifest["chat_template"] = "chat_template.jinja"
+    (out / "onnxllm.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_chat_second_turn_prefills_only_new_tokens(tiny_llama, tmp_path):
+    pkg = _with_template(tiny_llama, tmp_path)
+    m = onnxllm.load(pkg)
+    chat = m.chat(system="be brief")
+    first = chat.ask("hello there", max_tokens=8)
+    second = chat.ask("and then?", max_tokens=8)
+    assert second.timings.cached_tokens > 0
+    assert second.timings.prompt_tokens - second.timings.cached_tokens < second.timings.prompt_tokens // 2
+    # a fresh model over the whole conversation gives the same reply
+    fresh = onnxllm.load(pkg)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"},
+                {"role": "assistant", "content": first.text}, {"role": "user", "content": "and then?"}]
+    assert fresh.generate(messages, max_tokens=8).token_ids == second.token_ids
+    chat.reset()
+    assert chat.messages == [{"role": "system", "content": "be brief"}]
+
+
+def test_chat_context_overflow_error_or_truncate(tiny_llama, tmp_path):
+    pkg = _with_template(tiny_llama, tmp_path)
+    m = onnxllm.load(pkg)  # 256 tokens; one exchange of 40 characters takes ~100 byte-level tokens
+    chat = m.chat()
+    for _ in range(2):
+        chat.ask("x" * 40, max_tokens=4)
+    with pytest.raises(ContextOverflowError, match="truncate"):
+        chat.ask("y" * 40, max_tokens=4)
+    assert chat.messages[-1]["role"] == "assistant"  # the refused turn was not kept
+    result = chat.ask("y" * 40, max_tokens=4, context_overflow="truncate")
+    assert result.token_ids and len(chat.messages) < 6
+
+
+def test_gpt2_five_line_example(tiny_gpt2):
+    model = onnxllm.load(tiny_gpt2)
+    result = model.generate("The quick brown fox", max_tokens=50)
+    print(result.text)
+    assert result.finish_reason in ("length", "eos") and result.token_ids
+    assert result.text == model.tokenizer.decode(result.token_ids)
+
+
+def test_runtime_imports_no_torch(tiny_llama):
+    code = ("import sys, onnxllm; m = onnxllm.load(sys.argv[1]); m.generate('the', max_tokens=4); "
+            "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'transformers', 'onnx')]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_llama)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_variant_not_in_package(tiny_llama):
+    with pytest.raises(InvalidPackageError, match="variant 'int4' is not in this package"):
+        onnxllm.load(tiny_llama, variant="int4")
+
+
+@pytest.mark.real
+def test_smollm2_chat_template_and_chat(smollm2_package, reference):
+    m = onnxllm.load(smollm2_package)
+    r = reference["chat_template_render"]
+    assert m.render(r["messages"], add_generation_prompt=r["add_generation_prompt"]) == r["text"]
+    chat = m.chat(system="You are a helpful assistant.")
+    answer = chat.ask("What is the capital of France?", max_tokens=30)
+    assert "Paris" in answer.text
+    follow = chat.ask("And of Germany?", max_tokens=30)
+    assert follow.timings.cached_tokens >= answer.timings.prompt_tokens
