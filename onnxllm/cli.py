@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 import threading
 import time
@@ -29,7 +30,9 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        debug = click.get_current_context().find_root().params.get("debug", False)
+        root = click.get_current_context().find_root()
+        debug = root.params.get("debug", False)
+        interrupted = (root.obj or {}).get("interrupted")
         try:
             return fn(*args, **kwargs)
         except OnnxLLMError as exc:
@@ -45,6 +48,12 @@ def handle_errors(fn):
                 raise
             _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
             sys.exit(EXIT_ERROR)
+        except Exception:
+            # Ctrl-C inside a C extension's import surfaces as ImportError, not KeyboardInterrupt.
+            if interrupted is not None and interrupted.is_set() and not debug:
+                click.echo("\ninterrupted", err=True)
+                sys.exit(EXIT_INTERRUPTED)
+            raise
 
     return wrapper
 
@@ -52,11 +61,26 @@ def handle_errors(fn):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="onnxllm")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
-def main(debug: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """Run large language models offline with ONNX Runtime."""
+    ctx.ensure_object(dict)
 
 
-@main.command()
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: notes Ctrl-C so an interrupted import still exits 130."""
+    interrupted = threading.Event()
+
+    def on_sigint(signum, frame):
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_sigint)
+    cli.main(args=argv, prog_name="onnxllm", obj={"interrupted": interrupted})
+
+
+@cli.command()
 @click.argument("source")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Package folder to write.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
@@ -75,7 +99,7 @@ def export(source, out_dir, dtype, verify, force, trust_remote_code, allow_pickl
     click.echo(f"exported {source} -> {path} in {time.perf_counter() - start:.1f}s")
 
 
-@main.command()
+@cli.command()
 @click.argument("package", type=click.Path())
 @click.option("--scheme", type=click.Choice(["int8", "int4"]), required=True)
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
@@ -189,7 +213,7 @@ def generation_options(fn):
     return fn
 
 
-@main.command()
+@cli.command()
 @click.argument("model")
 @click.argument("prompt", required=False)
 @generation_options
@@ -228,7 +252,7 @@ def run(model, prompt, system, chat_mode, device, threads, context, variant, as_
     _stream_to_stdout(m.stream(text, chat=use_chat, system=system, **options), verbose=verbose)
 
 
-@main.command()
+@cli.command()
 @click.argument("model")
 @click.option("--system", help="System prompt.")
 @generation_options
@@ -246,7 +270,7 @@ def chat(model, system, device, variant, verbose, **gen):
     _interactive(m, options, system, verbose)
 
 
-@main.command()
+@cli.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
@@ -261,7 +285,7 @@ def info(model, as_json):
     click.echo(json.dumps(data, indent=2, default=str) if as_json else format_info(data))
 
 
-@main.command(name="eval")
+@cli.command(name="eval")
 @click.argument("package", type=click.Path())
 @click.option("--variant", help="Variant to evaluate (default: every quantized one).")
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), help="UTF-8 text (default: Hamlet).")
@@ -285,7 +309,7 @@ def eval_cmd(package, variant, text_file, tokens):
         click.echo(format_report(evaluate(package, name, text=text, max_tokens=tokens)))
 
 
-@main.command()
+@cli.command()
 @click.argument("model")
 @click.option("--variant")
 @click.option("--prompt-tokens", default="64,512", show_default=True, help="Comma-separated prompt lengths.")
@@ -305,7 +329,7 @@ def bench(model, variant, prompt_tokens, gen_tokens, runs, threads, device, as_j
     click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
 
 
-@main.command()
+@cli.command()
 @handle_errors
 def doctor():
     """What is installed, which execution providers work here, what to fix."""

@@ -18,9 +18,9 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
+import numpy as np
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-import numpy as np
 
 from onnxllm.errors import GenerationError, InvalidPackageError
 

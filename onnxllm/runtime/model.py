@@ -8,7 +8,7 @@ its new tokens.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -105,9 +105,17 @@ class Model:
     def config(self, **options) -> GenerationConfig:
         return self.defaults.updated(**options).validate()
 
-    def stream_ids(self, ids: Sequence[int], config: GenerationConfig, *, cancel: threading.Event | None = None) -> Iterator[Chunk]:
-        """Stream from token ids (the layer chat and prompt-level calls share)."""
+    def stream_ids(self, ids: Sequence[int], config: GenerationConfig, *, cancel: threading.Event | None = None,
+                   clip: bool = False) -> Iterator[Chunk]:
+        """Stream from token ids (the layer chat and prompt-level calls share).
+
+        clip: max_tokens came from the defaults, not the caller, so shrink it to what the context
+        leaves instead of failing (an explicit max_tokens that does not fit is an error).
+        """
         with self._lock:
+            room = self.session.context - len(ids)
+            if clip and 0 < room < config.max_tokens:
+                config = replace(config, max_tokens=room)
             total = len(ids) + config.max_tokens
             if total > self.session.context:
                 raise ContextOverflowError(
@@ -126,7 +134,7 @@ class Model:
         """
         config = self.config(**options)
         ids = self.prompt_ids(prompt, chat=chat, system=system)
-        return self.stream_ids(ids, config, cancel=cancel)
+        return self.stream_ids(ids, config, cancel=cancel, clip=options.get("max_tokens") is None)
 
     def generate(self, prompt: str | Messages, *, cancel: threading.Event | None = None, chat: bool = False,
                  system: str | None = None, **options) -> GenerationResult:
@@ -168,12 +176,14 @@ class Chat:
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def _fit(self, config: GenerationConfig) -> list[int]:
+    def _fit(self, config: GenerationConfig, clip: bool) -> list[int]:
         """Token ids of the conversation; drops the oldest turns only when asked to (never silently)."""
         while True:
             ids = self.model.encode_chat(self.messages)
             if len(ids) + config.max_tokens <= self.model.session.context:
                 return ids
+            if clip and len(ids) < self.model.session.context - 16:
+                return ids  # the default max_tokens will be clipped to the room left
             first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
             if config.context_overflow != "truncate" or len(self.messages) - first <= 1:
                 raise ContextOverflowError(
@@ -188,16 +198,18 @@ class Chat:
         text = _check_text(text)
         if not text.strip():
             raise GenerationError("the message is empty; type something")
-        config = self.model.config(**{**self.options, **options})
+        merged = {**self.options, **options}
+        clip = merged.get("max_tokens") is None
+        config = self.model.config(**merged)
         self.messages.append({"role": "user", "content": text})
         try:
-            ids = self._fit(config)
+            ids = self._fit(config, clip)
         except Exception:
             self.messages.pop()
             raise
         reply = []
         try:
-            for chunk in self.model.stream_ids(ids, config, cancel=cancel):
+            for chunk in self.model.stream_ids(ids, config, cancel=cancel, clip=clip):
                 reply.append(chunk.text)
                 yield chunk
         finally:
@@ -237,6 +249,13 @@ def load_tokenizer(root: Path, manifest: Manifest):
     return tokenizer
 
 
+def _token_text(value) -> str | None:
+    """tokenizer_config.json stores special tokens as strings or as {"content": ...} (older files)."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
 def load_package(path: str | Path, options: LoadOptions = LoadOptions()) -> Model:
     root = find_package_root(path)
     manifest = read_manifest(root)
@@ -257,7 +276,7 @@ def load_package(path: str | Path, options: LoadOptions = LoadOptions()) -> Mode
 
                 try:
                     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-                    special = {k: cfg.get(k) if isinstance(cfg.get(k), str) else None for k in special}
+                    special = {k: _token_text(cfg.get(k)) for k in special}
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     pass
             template = ChatTemplate(template_path.read_text(encoding="utf-8"), **special)

@@ -1,0 +1,152 @@
+"""The CLI, run as a user runs it: a subprocess, stdin, a pseudo terminal for interactive chat."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_runtime import _with_template
+
+ONNXLLM = [sys.executable, "-m", "onnxllm.cli"]
+
+
+def cli(*args, input=None, env=None, timeout=120):
+    return subprocess.run([*ONNXLLM, *map(str, args)], input=input, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_run_with_prompt_streams_text(tiny_llama):
+    proc = cli("run", tiny_llama, "the cat", "--max-tokens", "12", "--verbose")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    assert "tok/s" in proc.stderr and "first token" in proc.stderr
+
+
+def test_run_json(tiny_llama):
+    proc = cli("run", tiny_llama, "the cat", "--max-tokens", "7", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert set(result) >= {"text", "tokens", "finish_reason", "timings"}
+    assert result["finish_reason"] in ("length", "eos") and len(result["tokens"]) <= 7
+    import onnxllm
+
+    assert result["tokens"] == onnxllm.load(tiny_llama).generate("the cat", max_tokens=7).token_ids
+
+
+def test_run_reads_stdin(tiny_llama):
+    a = cli("run", tiny_llama, "--max-tokens", "6", "--json", input="the cat")
+    b = cli("run", tiny_llama, "the cat", "--max-tokens", "6", "--json")
+    assert a.returncode == 0, a.stderr
+    assert json.loads(a.stdout)["tokens"] == json.loads(b.stdout)["tokens"]
+
+
+def test_run_model_onnx_path(tiny_llama):
+    proc = cli("run", tiny_llama / "onnx" / "model.onnx", "the", "--max-tokens", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_run_stop_and_seed(tiny_llama):
+    a = cli("run", tiny_llama, "the", "--max-tokens", "20", "--temperature", "1", "--seed", "5", "--json")
+    b = cli("run", tiny_llama, "the", "--max-tokens", "20", "--temperature", "1", "--seed", "5", "--json")
+    assert json.loads(a.stdout)["tokens"] == json.loads(b.stdout)["tokens"]
+    text = json.loads(a.stdout)["text"]
+    if len(text) > 4:
+        stop = text[2:4]
+        c = cli("run", tiny_llama, "the", "--max-tokens", "20", "--temperature", "1", "--seed", "5", "--json",
+                "--stop", stop)
+        out = json.loads(c.stdout)
+        assert out["finish_reason"] == "stop" and out["text"] == text[: text.find(stop)]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "/no/such/model", "hi"], "does not exist"),
+    (["run", "TINY", "hi", "--temperature", "-1"], "temperature"),
+    (["run", "TINY", "hi", "--top-p", "0"], "top_p"),
+    (["run", "TINY", "hi", "--max-tokens", "0"], "max_tokens"),
+    (["run", "TINY", "hi", "--variant", "int4"], "variant 'int4'"),
+    (["run", "TINY", "hi", "--device", "cuda"], "CUDA"),
+    (["run", "TINY", "--raw"], "prompt is empty"),
+    (["chat", "TINY"], "no chat template"),
+])
+def test_bad_input_one_line_no_traceback(tiny_llama, args, needle):
+    args = [str(tiny_llama) if a == "TINY" else a for a in args]
+    proc = cli(*args, input="")
+    assert proc.returncode == 1
+    assert needle in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_debug_shows_traceback(tiny_llama):
+    proc = cli("--debug", "run", tiny_llama, "hi", "--temperature", "-1")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_info(tiny_llama):
+    proc = cli("info", tiny_llama)
+    assert proc.returncode == 0, proc.stderr
+    assert "llama" in proc.stdout and "fp32" in proc.stdout and "CPUExecutionProvider" in proc.stdout
+    data = json.loads(cli("info", tiny_llama, "--json").stdout)
+    assert data["variants"]["fp32"]["bytes"] > 0 and data["eos_token_ids"] == [256]
+
+
+def test_doctor():
+    proc = cli("doctor")
+    assert proc.returncode == 0, proc.stderr
+    assert "CPUExecutionProvider" in proc.stdout
+
+
+def test_bench_json(tiny_llama):
+    proc = cli("bench", tiny_llama, "--prompt-tokens", "16", "--gen-tokens", "8", "--runs", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["results"][0]["decode_tokens_per_s"] > 0 and r["peak_rss_mib"] > 0 and r["machine"]["onnxruntime"]
+
+
+def test_interactive_chat_through_pty(tiny_llama, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    pkg = _with_template(tiny_llama, tmp_path)
+    child = pexpect.spawn(ONNXLLM[0], [*ONNXLLM[1:], "run", str(pkg), "--max-tokens", "5"], timeout=60,
+                          encoding="utf-8", env={**os.environ, "COLUMNS": "200"})
+    child.expect(">>>")
+    child.sendline("hello")
+    child.expect(">>>")
+    child.sendline("/reset")
+    child.sendline("again")
+    child.expect(">>>")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_while_loading_exits_130(tiny_llama):
+    proc = subprocess.Popen([*ONNXLLM, "run", str(tiny_llama), "the"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 or (proc.returncode == 0 and out), err  # 0 only if it finished first
+    assert "Traceback" not in err
+
+
+@pytest.mark.real
+def test_ctrl_c_during_generation_keeps_output(smollm2_package):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(ONNXLLM[0], [*ONNXLLM[1:], "run", str(smollm2_package), "Write a long story about a fox.",
+                                       "--max-tokens", "2000"], timeout=120, encoding="utf-8")
+    child.expect(r"\w+ \w+ \w+")  # some words were streamed
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130 or child.signalstatus is None and child.exitstatus == 130
+    assert "interrupted" in child.before and "Traceback" not in child.before
