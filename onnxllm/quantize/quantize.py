@@ -1,0 +1,245 @@
+"""quantize(): add an int8 or int4 variant to a package, next to its fp32 model, all or nothing.
+
+    MatMul(x, W fp32)           -> MatMulNBits(x, q, scales)            ONNX Runtime's quantizer, or GGUF blocks
+                                   [+ (x @ block_sum) @ offset^T]       GGUF Q4_1 only, see schemes.py
+    Gemm(h, E, transB) lm_head  -> MatMulNBits(h, qE, sE)               MatMulNBits computes A @ B^T: E as it is
+    Gather(E, ids) embedding    -> GatherBlockQuantized(qE, ids, sE)    the same qE when E is tied to the lm_head
+
+The fp32 model is only read. The new .onnx is written into a temp folder, evaluated, moved into
+place, and the manifest is written last; any failure (or Ctrl-C) restores the package as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from ..errors import QuantizeError
+from ..package import Variant, read_manifest, safe_path, write_manifest
+from .gguf_blocks import GGUFBlocks, find_source_gguf, matches_dense
+from .quality import (QUALITY_FILE, DecoderRunner, QualityReport, compare, hamlet_text, read_quality,
+                      save_quality, tokenize)
+from .schemes import LOSSLESS_MIN_TOP1, SCHEMES, WARN_TOP1, BlockWeight, Scheme, quantize_rows
+
+Progress = Callable[[str], None]
+_MS = "com.microsoft"
+_TWO_GB = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    variant: str
+    file: Path  # absolute path of the new .onnx
+    bytes: int
+    size_ratio: float  # of the fp32 model
+    method: dict  # what the manifest records
+    quality: QualityReport | None
+    meets_targets: bool | None  # None when not evaluated
+    default_for: tuple[str, ...]  # devices it became the default for
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Target:
+    node: object  # onnx.NodeProto
+    kind: str  # linear | lm_head | embedding
+    weight: str  # initializer name
+    dense: np.ndarray  # (N, K) float32: rows are output features (or vocabulary entries)
+    bits: int
+    block: BlockWeight | None = None
+
+
+def _onnx_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _matches(patterns: Iterable[str], *names: str) -> bool:
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
+
+
+def _find_targets(model, scheme: Scheme, exclude: tuple[str, ...], lm_head_bits: int,
+                  embed_bits: int) -> tuple[list[_Target], list[str]]:
+    """Every weight this scheme quantizes, and the names of the nodes `exclude` keeps in fp32."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    rank2 = {i.name for i in model.graph.input if len(i.type.tensor_type.shape.dim) == 2}
+    targets, excluded = [], []
+    for node in model.graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            kind, bits, transposed = "linear", scheme.bits, True
+        elif node.op_type == "Gemm" and len(node.input) == 2 and node.input[1] in inits:
+            if any(attrs[a].f != 1.0 for a in ("alpha", "beta") if a in attrs) or attrs.get("transA", None) and attrs["transA"].i:
+                continue
+            kind, bits, transposed = "lm_head", lm_head_bits, not (attrs.get("transB") and attrs["transB"].i)
+        elif node.op_type == "Gather" and node.input[0] in inits and node.input[1] in rank2:
+            if attrs.get("axis") and attrs["axis"].i != 0:
+                continue
+            kind, bits, transposed = "embedding", embed_bits, False
+        else:
+            continue
+        weight = node.input[0] if kind == "embedding" else node.input[1]
+        if bits == 0 or _matches(exclude, node.name, weight):
+            excluded.append(node.name)
+            continue
+        dense = numpy_helper.to_array(inits[weight])
+        if dense.ndim != 2 or dense.dtype != np.float32:
+            continue
+        dense = dense.T if transposed else dense
+        targets.append(_Target(node, kind, weight, dense, bits))
+    return targets, excluded
+
+
+def _import_gguf(targets: list[_Target], blocks: GGUFBlocks, block_size: int) -> dict:
+    """Attach GGUF block weights to the targets that can take them exactly; say why for the others."""
+    imported: dict[str, str] = {}
+    requantized: dict[str, str] = {}
+    cache: dict[str, BlockWeight | Exception] = {}
+    for t in targets:
+        if t.weight not in cache:
+            try:
+                cache[t.weight] = blocks.weight(t.weight)
+            except KeyError as exc:
+                cache[t.weight] = exc
+        bw = cache[t.weight]
+        if isinstance(bw, Exception):
+            requantized[t.node.name] = str(bw).strip("'\"")
+        elif block_size != bw.block_size:
+            requantized[t.node.name] = f"GGUF blocks hold {bw.block_size} weights, block_size is {block_size}"
+        elif bw.bits != t.bits:
+            requantized[t.node.name] = f"GGUF {bw.source} is {bw.bits}-bit, this weight is planned at {t.bits}"
+        elif t.kind == "embedding" and bw.offset is not None:
+            requantized[t.node.name] = "GatherBlockQuantized has no per-block offset for Q4_1"
+        else:
+            ok, diff = matches_dense(bw, t.dense)
+            if not ok:  # the fp32 export is the reference: never import blocks that disagree with it
+                requantized[t.node.name] = f"GGUF blocks differ from the exported fp32 weight by {diff:.3g}"
+            else:
+                t.block = bw
+                imported[t.node.name] = bw.source
+    types: dict[str, int] = {}
+    for source in imported.values():
+        types[source] = types.get(source, 0) + 1
+    return {"file": blocks.path.name, "imported": len(imported), "types": types, "requantized": requantized}
+
+
+def _block_sum(model, k: int, block: int) -> str:
+    """A shared (K, K/block) 0/1 matrix: x @ it sums x over each block (for the Q4_1 offsets)."""
+    from onnx import numpy_helper
+
+    name = f"/quantize/block_sum_{k}x{block}"
+    if not any(t.name == name for t in model.graph.initializer):
+        p = np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32))
+        model.graph.initializer.append(numpy_helper.from_array(p, name))
+    return name
+
+
+def _rewrite(model, t: _Target, bw: BlockWeight, accuracy_level: int, shared: dict) -> list:
+    """Nodes replacing t.node; adds (or reuses, for a tied weight) the quantized initializers."""
+    from onnx import helper, numpy_helper
+
+    n, k = bw.shape
+    base = t.weight + f"_Q{bw.bits}"
+    key = (t.weight, bw.bits)
+    if key not in shared:  # one packed tensor serves both the lm_head and a tied embedding
+        model.graph.initializer.extend([numpy_helper.from_array(bw.packed, base),
+                                        numpy_helper.from_array(bw.scales, base + "_scales")])
+        if bw.zero_points is not None:
+            model.graph.initializer.append(numpy_helper.from_array(bw.zero_points, base + "_zero_points"))
+        shared[key] = bw
+    x, out, name = t.node.input[1 if t.kind == "embedding" else 0], t.node.output[0], t.node.name
+    if t.kind == "embedding":
+        inputs = [base, x, name + "/scales"]
+        nodes = [helper.make_node("Reshape", [base + "_scales", name + "/scales_shape"], [name + "/scales"],
+                                  name=name + "/ScalesReshape")]
+        shape3 = numpy_helper.from_array(np.asarray([n, k // bw.block_size, 1], np.int64), name + "/scales_shape")
+        flat = numpy_helper.from_array(np.asarray([0, 0, k], np.int64), name + "/out_shape")
+        model.graph.initializer.extend([shape3, flat])
+        if bw.zero_points is not None:  # GatherBlockQuantized wants zero points shaped like its scales
+            zp = bw.zero_point_values().astype(np.uint8).reshape(n, -1, 1)
+            model.graph.initializer.append(numpy_helper.from_array(zp, name + "/zero_points"))
+            inputs.append(name + "/zero_points")
+        nodes += [helper.make_node("GatherBlockQuantized", inputs, [name + "/blocks"], name=name + f"_Q{bw.bits}",
+                                   domain=_MS, bits=bw.bits, block_size=bw.block_size, gather_axis=0,
+                                   quantize_axis=2),
+                  helper.make_node("Reshape", [name + "/blocks", name + "/out_shape"], [out], name=name + "/Reshape")]
+        return nodes
+    inputs = [x, base, base + "_scales"] + ([base + "_zero_points"] if bw.zero_points is not None else [])
+    attrs = {"K": k, "N": n, "bits": bw.bits, "block_size": bw.block_size}
+    if accuracy_level:
+        attrs["accuracy_level"] = accuracy_level
+    if bw.offset is None:
+        return [helper.make_node("MatMulNBits", inputs, [out], name=name + f"_Q{bw.bits}", domain=_MS, **attrs)]
+    # Q4_1: y = MatMulNBits(x) + block_sums(x) @ offset^T. The offsets (m + 8d) are sums of two f16
+    # values and almost always exact in f16: stored f16 (2 bytes/block, not 4) when every one is.
+    offset_t = np.ascontiguousarray(bw.offset.T)
+    half = offset_t.astype(np.float16)
+    exact = bool(np.array_equal(half.astype(np.float32), offset_t))
+    model.graph.initializer.append(numpy_helper.from_array(half if exact else offset_t, base + "_offset"))
+    nodes = [helper.make_node("MatMulNBits", inputs, [name + "/nbits"], name=name + f"_Q{bw.bits}", domain=_MS, **attrs),
+             helper.make_node("MatMul", [x, _block_sum(model, k, bw.block_size)], [name + "/block_sums"],
+                              name=name + "/BlockSum")]
+    offset = base + "_offset"
+    if exact:
+        nodes.append(helper.make_node("Cast", [offset], [name + "/offset"], name=name + "/OffsetCast", to=1))
+        offset = name + "/offset"
+    nodes += [helper.make_node("MatMul", [name + "/block_sums", offset], [name + "/offsets"], name=name + "/Offset"),
+              helper.make_node("Add", [name + "/nbits", name + "/offsets"], [out], name=name + "/Add")]
+    return nodes
+
+
+def _requantize_matmuls(model, targets: list[_Target], bits: int, block_size: int, symmetric: bool,
+                        accuracy_level: int):
+    """ONNX Runtime's own MatMulNBitsQuantizer, on exactly the MatMuls in `targets`."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    names = {t.node.name for t in targets}
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names]
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                     accuracy_level=accuracy_level or None, nodes_to_exclude=others,
+                                     op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _build(model, targets: list[_Target], *, block_size: int, symmetric: bool, accuracy_level: int):
+    """Rewrite `model` in place: every target becomes its quantized form; unused fp32 weights go."""
+    by_bits: dict[int, list[_Target]] = {}
+    for t in targets:
+        if t.kind == "linear" and t.block is None:
+            by_bits.setdefault(t.bits, []).append(t)
+    for bits, group in by_bits.items():
+        model = _requantize_matmuls(model, group, bits, block_size, symmetric, accuracy_level)
+    shared: dict = {}
+    replaced: dict[str, list] = {}
+    for t in sorted(targets, key=lambda t: t.kind != "lm_head"):  # lm_head first: the embedding reuses it
+        if t.kind == "linear" and t.block is None:
+            continue
+        bw = t.block or shared.get((t.weight, t.bits)) or quantize_rows(t.dense, t.bits, block_size=block_size,
+                                                                        symmetric=symmetric)
+        replaced[t.node.name] = _rewrite(model, t, bw, accuracy_level, shared)
+    nodes = []
+    for node in model.graph.node:
+        nodes.extend(replaced.get(node.name, [node]))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for node in model.graph.node for i in node.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    if not any(o.domain == _MS for o in model.opset_import):
+        model.opset_import.append(__import__("onnx").helper.make_opsetid(_MS, 1))
+    return model
