@@ -152,8 +152,9 @@ def _rewrite(model, t: _Target, bw: BlockWeight, accuracy_level: int, shared: di
     from onnx import helper, numpy_helper
 
     n, k = bw.shape
-    base = t.weight + f"_Q{bw.bits}"
-    key = (t.weight, bw.bits)
+    base, key = t.weight + f"_Q{bw.bits}", (t.weight, bw.bits)
+    if shared.get(key, bw) is not bw:  # same fp32 weight, different quantized form (see _build)
+        base, key = base + f"_{t.kind}", (t.weight + t.kind, bw.bits)
     if key not in shared:  # one packed tensor serves both the lm_head and a tied embedding
         model.graph.initializer.extend([numpy_helper.from_array(bw.packed, base),
                                         numpy_helper.from_array(bw.scales, base + "_scales")])
@@ -228,8 +229,10 @@ def _build(model, targets: list[_Target], *, block_size: int, symmetric: bool, a
     for t in sorted(targets, key=lambda t: t.kind != "lm_head"):  # lm_head first: the embedding reuses it
         if t.kind == "linear" and t.block is None:
             continue
-        bw = t.block or shared.get((t.weight, t.bits)) or quantize_rows(t.dense, t.bits, block_size=block_size,
-                                                                        symmetric=symmetric)
+        bw, prior = t.block, shared.get((t.weight, t.bits))
+        if bw is None:  # a Gather cannot apply Q4_1 offsets: it gets its own tensor then
+            usable = prior is not None and (t.kind != "embedding" or prior.offset is None)
+            bw = prior if usable else quantize_rows(t.dense, t.bits, block_size=block_size, symmetric=symmetric)
         replaced[t.node.name] = _rewrite(model, t, bw, accuracy_level, shared)
     nodes = []
     for node in model.graph.node:
@@ -243,3 +246,195 @@ def _build(model, targets: list[_Target], *, block_size: int, symmetric: bool, a
     if not any(o.domain == _MS for o in model.opset_import):
         model.opset_import.append(__import__("onnx").helper.make_opsetid(_MS, 1))
     return model
+
+
+def _save(model, final: Path) -> Path:
+    """Write the model into a temp folder beside `final` (external data only past 2 GB); return the folder."""
+    import onnx
+
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        big = sum(t.ByteSize() for t in model.graph.initializer) > _TWO_GB
+        onnx.save_model(model, str(stage / final.name), save_as_external_data=big, all_tensors_to_one_file=True,
+                        location=final.name + ".data", size_threshold=1024)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return stage
+
+
+class _Commit:
+    """Moves staged files into place remembering what they replaced, so `rollback` can undo it all."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.moved: list[tuple[Path, Path | None]] = []  # (final, backup of what was there)
+        self.quality = (root / QUALITY_FILE).read_bytes() if (root / QUALITY_FILE).exists() else None
+
+    def move(self, src: Path, final: Path) -> None:
+        backup = None
+        if final.exists():
+            backup = final.with_name(f".{final.name}.{os.getpid()}.old")
+            os.replace(final, backup)
+        self.moved.append((final, backup))
+        os.replace(src, final)
+
+    def rollback(self) -> None:
+        for final, backup in reversed(self.moved):
+            with contextlib.suppress(OSError):
+                if backup is not None:
+                    os.replace(backup, final)
+                else:
+                    final.unlink()
+        with contextlib.suppress(OSError):
+            if self.quality is None:
+                (self.root / QUALITY_FILE).unlink(missing_ok=True)
+            elif (self.root / QUALITY_FILE).read_bytes() != self.quality:
+                (self.root / QUALITY_FILE).write_bytes(self.quality)
+
+    def finish(self) -> None:
+        for _, backup in self.moved:
+            if backup is not None:
+                with contextlib.suppress(OSError):
+                    backup.unlink()
+
+
+def _meets(scheme: Scheme, report: QualityReport, ratio: float, lossless: bool) -> bool:
+    top1 = max(scheme.min_top1, LOSSLESS_MIN_TOP1) if lossless else scheme.min_top1
+    return ratio <= scheme.max_size_ratio and report.perplexity_change <= scheme.max_ppl_increase \
+        and report.top1_agreement >= top1
+
+
+def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 32, symmetric: bool = True,
+             exclude: Iterable[str] = (), accuracy_level: int = 4, evaluate: bool = True,
+             progress: Progress | None = None, force: bool = False, from_gguf: bool | str = "auto",
+             lm_head_bits: int | None = None, embed_bits: int | None = None,
+             eval_tokens: int = 128) -> QuantizeResult:
+    """Add the `scheme` variant ("int8" or "int4") to a package and record how it was made.
+
+    `exclude`: node names or fnmatch patterns (e.g. "/model/layers.0/*") kept in fp32.
+    `from_gguf`: "auto" imports GGUF Q4_0/Q4_1/Q8_0 blocks exactly when the package came from a GGUF
+    that is still here; True requires it; False always re-quantizes the fp32 weights.
+    `lm_head_bits` / `embed_bits`: 8, 4 or 0 (fp32); None takes the scheme's (measured) choice.
+    With `evaluate`, compares the variant with fp32 on `eval_tokens` tokens of Hamlet, makes it the
+    CPU default when it meets the scheme's targets, and warns when it is far from fp32.
+    """
+    import onnx
+
+    started = time.perf_counter()
+    say = progress or (lambda _msg: None)
+    if scheme not in SCHEMES:
+        raise QuantizeError(f"unknown scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
+    spec = SCHEMES[scheme]
+    if block_size < 16 or block_size & (block_size - 1):
+        raise QuantizeError(f"block_size must be a power of two, at least 16 (got {block_size})")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise QuantizeError(f"accuracy_level must be 0..4 (got {accuracy_level})")
+    head_bits = spec.lm_head_bits if lm_head_bits is None else lm_head_bits
+    emb_bits = spec.embed_bits if embed_bits is None else embed_bits
+    if head_bits not in (0, 4, 8) or emb_bits not in (0, 4, 8):
+        raise QuantizeError("lm_head_bits and embed_bits must be 8, 4 or 0 (fp32)")
+    root = Path(package_dir)
+    manifest = read_manifest(root)
+    if "fp32" not in manifest.variants:
+        raise QuantizeError(f"{root} has no fp32 variant to quantize from; re-export it with dtype float32")
+    final = safe_path(root, spec.file)
+    if not force and (scheme in manifest.variants or final.exists()):
+        raise QuantizeError(f"{root} already has the {scheme} variant ({spec.file}); pass --force (force=True) "
+                            "to rebuild it")
+    fp32_path = safe_path(root, manifest.variants["fp32"].file)
+    exclude = tuple(exclude)
+    notes: list[str] = []
+
+    blocks, gguf_record = None, None
+    if from_gguf:
+        gguf_path, why = find_source_gguf(root, manifest.source)
+        if gguf_path is None and from_gguf is True:
+            raise QuantizeError(f"cannot import GGUF blocks: {why}")
+        if gguf_path is not None:
+            blocks = GGUFBlocks(gguf_path)
+        else:
+            gguf_record = {"used": False, "reason": why}
+
+    say(f"loading {fp32_path.name}")
+    model = onnx.load(str(fp32_path))
+    targets, excluded = _find_targets(model, spec, exclude, head_bits, emb_bits)
+    if not targets:
+        raise QuantizeError("nothing to quantize: every weight is excluded or not a MatMul/Gemm/Gather weight")
+    if blocks is not None:
+        say(f"importing GGUF blocks from {blocks.path.name}")
+        gguf_record = {"used": True, **_import_gguf(targets, blocks, block_size)}
+        if from_gguf is True and gguf_record["requantized"]:
+            first = next(iter(gguf_record["requantized"].items()))
+            raise QuantizeError(f"cannot import every weight from the GGUF exactly: {first[0]}: {first[1]}")
+    lossless = blocks is not None and all(t.block is not None for t in targets)
+
+    say(f"quantizing {len(targets)} weights to {scheme}")
+    model = _build(model, targets, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = _save(model, final)
+    del model
+    commit = _Commit(root)
+    try:
+        staged = stage / final.name
+        nbytes = _onnx_bytes(staged)
+        ratio = nbytes / manifest.variants["fp32"].bytes
+        report, meets = None, None
+        if evaluate:
+            say(f"evaluating against fp32 on {eval_tokens} tokens of Hamlet")
+            ids = tokenize(root, manifest, hamlet_text(), eval_tokens)
+            report = compare(DecoderRunner(staged, manifest), DecoderRunner(fp32_path, manifest), ids,
+                             variant_name=scheme, reference_name="fp32", text_label="hamlet")
+            meets = _meets(spec, report, ratio, lossless)
+            if report.top1_agreement < WARN_TOP1:
+                notes.append(f"WARNING: the {scheme} variant is far from fp32: top-1 agreement "
+                             f"{report.top1_agreement:.1%} (< {WARN_TOP1:.0%}), perplexity "
+                             f"{report.perplexity_change:+.1%}; consider int8, or exclude layers")
+            elif not meets:
+                notes.append(f"the {scheme} variant misses its targets (top-1 {report.top1_agreement:.1%}, "
+                             f"perplexity {report.perplexity_change:+.1%}, size {ratio:.1%}); "
+                             "it was not made the default")
+        kept8 = [t.node.name for t in targets if t.bits == 8 and scheme != "int8"]
+        method = {
+            "quantizer": "onnxruntime.quantization MatMulNBitsQuantizer (DefaultWeightOnlyQuantConfig)",
+            "operator": f"{_MS}.MatMulNBits", "bits": spec.bits, "block_size": block_size,
+            "symmetric": symmetric, "accuracy_level": accuracy_level,
+            "lm_head": {"bits": head_bits, "operator": "MatMulNBits" if head_bits else "Gemm (fp32)"},
+            "embedding": {"bits": emb_bits,
+                          "operator": "GatherBlockQuantized" if emb_bits else "Gather (fp32)",
+                          "shared_with_lm_head": _tied(targets) and head_bits == emb_bits},
+            "exclude": list(exclude), "excluded": excluded, "kept_8bit": kept8,
+            "lossless": lossless, "gguf": gguf_record,
+            "quality": report.to_dict() if report else None,
+            "targets": {"max_size_ratio": spec.max_size_ratio, "max_ppl_increase": spec.max_ppl_increase,
+                        "min_top1": max(spec.min_top1, LOSSLESS_MIN_TOP1) if lossless else spec.min_top1},
+            "size_ratio": round(ratio, 4), "meets_targets": meets,
+            "onnxruntime": __import__("onnxruntime").__version__,
+        }
+        data = staged.with_name(staged.name + ".data")
+        if data.exists():
+            commit.move(data, final.with_name(data.name))
+        commit.move(staged, final)
+        if report is not None:
+            save_quality(root, report)
+        method["seconds"] = round(time.perf_counter() - started, 1)
+        default_for = ("cpu",) if meets else ()
+        variant = Variant(file=spec.file, scheme=scheme, dtype="float32", bytes=nbytes, method=method)
+        write_manifest(root, manifest.with_variant(scheme, variant, default_for=default_for))
+    except BaseException:
+        commit.rollback()
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    commit.finish()
+    for note in notes:
+        say(note)
+        warnings.warn(note, stacklevel=2)
+    say(f"{scheme}: {nbytes / 2**20:.1f} MiB ({ratio:.1%} of fp32)" + (" - default for cpu" if meets else ""))
+    return QuantizeResult(scheme, final, nbytes, ratio, method, report, meets, default_for, notes,
+                          round(time.perf_counter() - started, 1))
+
+
+def _tied(targets: list[_Target]) -> bool:
+    heads = {t.weight for t in targets if t.kind == "lm_head"}
+    return any(t.kind == "embedding" and t.weight in heads for t in targets)
