@@ -29,7 +29,7 @@ from ..package import Variant, read_manifest, safe_path, write_manifest
 from .gguf_blocks import GGUFBlocks, find_source_gguf, matches_dense
 from .quality import (QUALITY_FILE, DecoderRunner, QualityReport, compare, hamlet_text, read_quality,
                       save_quality, tokenize)
-from .schemes import LOSSLESS_MIN_TOP1, SCHEMES, WARN_TOP1, BlockWeight, Scheme, quantize_rows
+from .schemes import LOSSLESS_MIN_TOP1, SCHEMES, WARN_TOP1, BlockWeight, Scheme, ort_quantizer, quantize_rows
 
 Progress = Callable[[str], None]
 _MS = "com.microsoft"
@@ -205,14 +205,13 @@ def _rewrite(model, t: _Target, bw: BlockWeight, accuracy_level: int, shared: di
 def _requantize_matmuls(model, targets: list[_Target], bits: int, block_size: int, symmetric: bool,
                         accuracy_level: int):
     """ONNX Runtime's own MatMulNBitsQuantizer, on exactly the MatMuls in `targets`."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
     names = {t.node.name for t in targets}
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names]
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
-                                     accuracy_level=accuracy_level or None, nodes_to_exclude=others,
-                                     op_types_to_quantize=("MatMul",))
-    quantizer.process()
+    with ort_quantizer() as ortq:
+        quantizer = ortq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                              accuracy_level=accuracy_level or None, nodes_to_exclude=others,
+                                              op_types_to_quantize=("MatMul",))
+        quantizer.process()
     return quantizer.model.model
 
 

@@ -20,7 +20,10 @@ them (7.3 ms vs 0.05 ms for 576x3072 at M=1, measured), so the offset form is th
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -120,13 +123,35 @@ def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
 
 
+@contextlib.contextmanager
+def ort_quantizer() -> Iterator[object]:
+    """ONNX Runtime's matmul_nbits_quantizer module, imported and used without its logging side effects.
+
+    On import it calls logging.basicConfig(level=INFO), which would make every later log line of the
+    host program print; and it logs one INFO line per node. A handler on the root logger makes
+    basicConfig a no-op; the module's own logger is held at WARNING while we use it.
+    """
+    root = logging.getLogger()
+    guard = logging.NullHandler()
+    root.addHandler(guard)
+    try:
+        from onnxruntime.quantization import matmul_nbits_quantizer as module
+    finally:
+        root.removeHandler(guard)
+    logger = logging.getLogger(module.__name__)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield module
+    finally:
+        logger.setLevel(level)
+
+
 def quantize_rows(w: np.ndarray, bits: int, *, block_size: int = BLOCK, symmetric: bool = True) -> BlockWeight:
     """Quantize W (N, K) with ONNX Runtime's own blockwise quantizer (the C++ kernel its tools use)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                  DefaultWeightOnlyQuantizer)
-
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits)
-    # The quantizer takes the MatMul layout (K, N) and returns MatMulNBits' (N, K/block, blob).
-    packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
-        np.ascontiguousarray(w.T, dtype=np.float32))
+    with ort_quantizer() as ortq:
+        config = ortq.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits)
+        # The quantizer takes the MatMul layout (K, N) and returns MatMulNBits' (N, K/block, blob).
+        packed, scales, zero_points = ortq.DefaultWeightOnlyQuantizer(config).qbits_block_quant(
+            np.ascontiguousarray(w.T, dtype=np.float32))
     return BlockWeight(bits, packed, scales, None if symmetric else zero_points, block_size=block_size)
