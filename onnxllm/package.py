@@ -109,6 +109,16 @@ def _require(data: dict, key: str, kind, where: str):
     return value
 
 
+# Types the parser enforces, so a hand-edited or hostile manifest fails here, not deep in the runtime.
+_FIELD_TYPES = {
+    **{("IOSpec", f): str for f in ("input_ids", "attention_mask", "position_ids", "past_key", "past_value", "logits",
+                                   "present_key", "present_value")},
+    ("KVCacheSpec", "layout"): str, ("KVCacheSpec", "dtype"): str, ("KVCacheSpec", "shared_buffer"): bool,
+    ("Variant", "file"): str, ("Variant", "scheme"): str, ("Variant", "dtype"): str, ("Variant", "bytes"): int,
+    ("Variant", "method"): dict, ("Architecture", "model_type"): str,
+}
+
+
 def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):
         raise InvalidPackageError(f"manifest {where}: expected an object, got {type(data).__name__}")
@@ -119,6 +129,10 @@ def _build(cls, data: Any, where: str):
             kwargs[name] = data[name]
         elif required:
             _require(data, name, object, where)
+    for name, value in kwargs.items():
+        kind = _FIELD_TYPES.get((cls.__name__, name))
+        if kind is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is int)):
+            raise InvalidPackageError(f"manifest {where}: field '{name}' has the wrong type ({type(value).__name__})")
     try:
         return cls(**kwargs)
     except TypeError as exc:
@@ -150,13 +164,18 @@ def parse_manifest(data: Any) -> Manifest:
         variants[str(name)] = v
     defaults = _require(data, "default_variant", dict, "")
     for dev, name in defaults.items():
-        if name not in variants:
+        if not isinstance(name, str) or name not in variants:
             raise InvalidPackageError(f"manifest default_variant.{dev} names {name!r}, which is not among the variants")
     eos = _require(data, "eos_token_ids", list, "")
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
         raise InvalidPackageError("manifest: 'eos_token_ids' must be a list of integers")
     rest = {k: data[k] for k in ("bos_token_id", "add_bos_token", "tokenizer", "chat_template", "generation",
                                  "verification", "format") if k in data}
+    if rest.get("bos_token_id") is not None and (
+            not isinstance(rest["bos_token_id"], int) or isinstance(rest["bos_token_id"], bool)):
+        raise InvalidPackageError("manifest: 'bos_token_id' must be an integer or null")
+    if not isinstance(rest.get("format", "onnxllm"), str):
+        raise InvalidPackageError("manifest: 'format' must be a string")
     for key, kind in (("tokenizer", str), ("generation", dict), ("verification", dict), ("add_bos_token", bool)):
         if key in rest and not isinstance(rest[key], kind):
             raise InvalidPackageError(f"manifest: field '{key}' has the wrong type ({type(rest[key]).__name__})")
