@@ -153,7 +153,9 @@ def _genai_config(w: DecoderWeights, loaded: _Loaded, onnx_file: str) -> dict:
             },
             "eos_token_id": loaded.eos_token_ids if len(loaded.eos_token_ids) != 1 else loaded.eos_token_ids[0],
             "pad_token_id": loaded.eos_token_ids[0] if loaded.eos_token_ids else 0,
-            "type": d.model_type,
+            # genai picks its model class by type; its "gpt2" class expects a fused past tensor, while
+            # our graph has the split key/value interface of its generic decoder classes.
+            "type": d.model_type if d.model_type in ("llama", "mistral", "qwen2", "phi3", "gemma") else "llama",
             "vocab_size": d.vocab_size,
         },
         "search": {"do_sample": False, "max_length": d.context_length, "min_length": 0, "num_beams": 1,
