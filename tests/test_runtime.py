@@ -304,3 +304,18 @@ def test_smollm2_chat_template_and_chat(smollm2_package, reference):
     assert "Paris" in answer.text
     follow = chat.ask("And of Germany?", max_tokens=30)
     assert follow.timings.cached_tokens >= answer.timings.prompt_tokens
+
+
+def test_float32_variant_never_sent_to_cuda(tiny_llama, monkeypatch):
+    """CUDA's GroupQueryAttention is float16-only: auto falls back to CPU with a reason; explicit cuda errs."""
+    from onnxllm.errors import DeviceError
+    from onnxllm.runtime import model as model_mod
+    from onnxllm.runtime.providers import ProviderChoice
+
+    cuda = ProviderChoice("cuda", [("CUDAExecutionProvider", {}), ("CPUExecutionProvider", {})])
+    monkeypatch.setattr(model_mod, "select_providers", lambda device: cuda)
+    m = model_mod.load_package(tiny_llama, LoadOptions(device="auto"))
+    assert m.providers.device == "cpu" and "float16" in m.providers.fallback_reason
+    assert m.session.session.get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(DeviceError, match="float16"):
+        model_mod.load_package(tiny_llama, LoadOptions(device="cuda"))

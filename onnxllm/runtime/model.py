@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..errors import ContextOverflowError, GenerationError, InvalidPackageError
+from ..errors import ContextOverflowError, DeviceError, GenerationError, InvalidPackageError
 from ..package import Manifest, find_package_root, read_manifest, safe_path
 from .chat_template import ChatTemplate
 from .generate import Chunk, GenerationConfig, GenerationResult, generate_tokens, stream_text
@@ -249,6 +249,17 @@ def load_tokenizer(root: Path, manifest: Manifest):
     return tokenizer
 
 
+def _fit_device(choice: ProviderChoice, manifest: Manifest, variant: str, asked: str) -> ProviderChoice:
+    """ORT's CUDA GroupQueryAttention runs only float16/bfloat16: a float32 variant cannot use the GPU."""
+    if choice.device != "cuda" or manifest.variants[variant].dtype != "float32":
+        return choice
+    fix = "export a float16 package (onnxllm export SOURCE -o OUT --dtype float16) for the GPU"
+    if asked == "cuda":
+        raise DeviceError(f"variant {variant!r} computes in float32, which the CUDA attention kernel does not support; {fix}")
+    cpu = [(n, o) for n, o in choice.providers if n == "CPUExecutionProvider"]
+    return ProviderChoice("cpu", cpu, f"CUDA not used: variant {variant!r} is float32; {fix}")
+
+
 def _token_text(value) -> str | None:
     """tokenizer_config.json stores special tokens as strings or as {"content": ...} (older files)."""
     if isinstance(value, dict):
@@ -261,6 +272,7 @@ def load_package(path: str | Path, options: LoadOptions = LoadOptions()) -> Mode
     manifest = read_manifest(root)
     choice = select_providers(options.device)
     name = _pick_variant(manifest, options.variant, choice.device)
+    choice = _fit_device(choice, manifest, name, options.device)
     onnx_path = safe_path(root, manifest.variants[name].file)
     if not onnx_path.is_file():
         raise InvalidPackageError(f"{onnx_path} is missing; the package is incomplete: re-export it")
