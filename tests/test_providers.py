@@ -9,6 +9,7 @@ import pytest
 from onnxllm.errors import DeviceError
 from onnxllm.runtime import providers as prov
 from onnxllm.runtime.providers import (
+    default_threads,
     CPU,
     CUDA,
     DML,
@@ -177,7 +178,7 @@ def test_session_options():
 def test_session_options_defaults():
     so = session_options()
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    assert so.intra_op_num_threads == 0  # onnxruntime decides
+    assert so.intra_op_num_threads == default_threads()  # every core we may use, not ORT's physical-core guess
     with pytest.raises(Exception, match="does not have configuration"):
         so.get_session_config_entry("session.intra_op.allow_spinning")  # left at ORT's default
     assert session_options(spinning=True).get_session_config_entry(

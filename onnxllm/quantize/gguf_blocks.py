@@ -124,12 +124,11 @@ class GGUFBlocks:
 
         t = self.tensors.get(name)
         if t is None:
-            raise KeyError(f"{name} is not in {self.path.name}")
+            raise KeyError(f"the GGUF has no tensor {name}")
         kind = gguf.GGMLQuantizationType(t.tensor_type).name
         if kind not in _FORMATS:
-            raise KeyError(f"{name} is {kind}, which has no exact MatMulNBits form (only Q4_0, Q4_1, Q8_0)")
-        rows = int(t.shape[-1]) if len(t.shape) == 2 else int(t.data.shape[0])
-        bw = decode_blocks(kind, np.asarray(t.data), rows)
+            raise KeyError(f"GGUF type {kind} has no exact MatMulNBits form (only Q4_0, Q4_1, Q8_0 do)")
+        bw = decode_blocks(kind, np.asarray(t.data), int(t.data.shape[0]))
         if permute_heads:
             bw.packed = _reverse_permute(bw.packed, permute_heads)
             bw.scales = _reverse_permute(bw.scales, permute_heads)
@@ -145,7 +144,7 @@ class GGUFBlocks:
             return self._tensor("output.weight" if "output.weight" in self.tensors else "token_embd.weight")
         match = _LAYER.match(onnx_name)
         if not match:
-            raise KeyError(f"{onnx_name} has no GGUF counterpart")
+            raise KeyError("no GGUF counterpart for this weight")
         layer, kind = match.groups()
         permute = self.arch in _PERMUTED_ARCHS
         parts = []
@@ -155,7 +154,7 @@ class GGUFBlocks:
         try:
             return concat_rows(parts)
         except ValueError as exc:
-            raise KeyError(f"{onnx_name}: GGUF parts cannot be fused losslessly ({exc})") from None
+            raise KeyError(f"its GGUF parts cannot be fused losslessly ({exc})") from None
 
 
 def matches_dense(bw: BlockWeight, dense: np.ndarray) -> tuple[bool, float]:

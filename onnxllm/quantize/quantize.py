@@ -133,7 +133,11 @@ def _import_gguf(targets: list[_Target], blocks: GGUFBlocks, block_size: int) ->
     types: dict[str, int] = {}
     for source in imported.values():
         types[source] = types.get(source, 0) + 1
-    return {"file": blocks.path.name, "imported": len(imported), "types": types, "requantized": requantized}
+    reasons: dict[str, dict] = {}  # grouped, so 120 identical lines read as one
+    for node, reason in requantized.items():
+        reasons.setdefault(reason, {"count": 0, "first": node})["count"] += 1
+    return {"file": blocks.path.name, "imported": len(imported), "types": types,
+            "requantized": len(requantized), "requantized_because": reasons}
 
 
 def _block_sum(model, k: int, block: int) -> str:
@@ -364,8 +368,8 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
         say(f"importing GGUF blocks from {blocks.path.name}")
         gguf_record = {"used": True, **_import_gguf(targets, blocks, block_size)}
         if from_gguf is True and gguf_record["requantized"]:
-            first = next(iter(gguf_record["requantized"].items()))
-            raise QuantizeError(f"cannot import every weight from the GGUF exactly: {first[0]}: {first[1]}")
+            reason, where = next(iter(gguf_record["requantized_because"].items()))
+            raise QuantizeError(f"cannot import every weight from the GGUF exactly: {where['first']}: {reason}")
     lossless = blocks is not None and all(t.block is not None for t in targets)
 
     say(f"quantizing {len(targets)} weights to {scheme}")
