@@ -47,6 +47,7 @@ class IOSpec:
     logits: str = "logits"
     present_key: str = "present.{}.key"
     present_value: str = "present.{}.value"
+    logits_to_keep: str | None = None  # optional input: logits for the last N positions only
 
 
 @dataclass(frozen=True)

@@ -231,7 +231,7 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
                 intermediate_size=d.intermediate_size, context_length=d.context_length,
                 parameters=sum(p.numel() for p in model.parameters()),
             ),
-            io=IOSpec(),
+            io=IOSpec(logits_to_keep="num_logits_to_keep"),
             kv_cache=KVCacheSpec(dtype=options.dtype),
             variants={scheme: variant},
             default_variant={"cpu": scheme, "cuda": scheme, "dml": scheme},

@@ -40,6 +40,8 @@ class IONames:
     logits: str = "logits"
     present_key: str = "present.{}.key"
     present_value: str = "present.{}.value"
+    # Optional: how many last positions get logits (0 = all, the default other runtimes see).
+    logits_to_keep: str = "num_logits_to_keep"
 
 
 class _Graph:
@@ -165,13 +167,24 @@ def build_decoder(w: DecoderWeights, *, dtype: str = "float32", io: IONames = IO
         delta = _linear(g, up, layer.down, f"{p}/mlp/down_proj")
     x, _ = _skip_norm(g, residual, delta, w.final_norm, d.norm, d.norm_eps, "/model/norm")
 
+    # Prefill needs logits of the last position only: slice hidden states to the last
+    # `num_logits_to_keep` positions (0 keeps all). It is an input with a default initializer,
+    # so runtimes that do not know it (onnxruntime-genai, optimum) get every position as usual.
+    keep = io.logits_to_keep
+    g.initializers.append(numpy_helper.from_array(np.array(0, dtype=np.int64), keep))
+    inputs.append(helper.make_tensor_value_info(keep, TensorProto.INT64, []))
+    start = g.op("Neg", [keep], "/lm_head/keep/Neg")
+    start = g.op("Unsqueeze", [start, g.const("/lm_head/keep/axis0", [0], np.int64)], "/lm_head/keep/Unsqueeze")
+    x = g.op("Slice", [x, start, g.const("/lm_head/keep/end", [np.iinfo(np.int64).max], np.int64),
+                       g.const("/lm_head/keep/axis", [1], np.int64)], "/lm_head/keep/Slice")
+
     # lm_head as Gemm(transB) over (vocab, hidden): a tied model shares the embedding, no copy.
     flat = g.op("Reshape", [x, g.const("/lm_head/flat_shape", [-1, d.hidden_size], np.int64)], "/lm_head/Reshape")
     head = "model.embed_tokens.weight" if w.lm_head is w.embed else g.weight("lm_head.weight", w.lm_head)
     logits = g.op("Gemm", [flat, head], "/lm_head/Gemm", transB=1)
     if dtype != "float32":
         logits = g.op("Cast", [logits], "/lm_head/Cast", to=TensorProto.FLOAT)
-    lead = g.op("Slice", [g.op("Shape", [io.input_ids], "/lm_head/Shape"), g.const("/lm_head/zero", [0], np.int64),
+    lead = g.op("Slice", [g.op("Shape", [x], "/lm_head/Shape"), g.const("/lm_head/zero", [0], np.int64),
                           g.const("/lm_head/two", [2], np.int64)], "/lm_head/Slice")
     out_shape = g.op("Concat", [lead, g.const("/lm_head/vocab", [d.vocab_size], np.int64)], "/lm_head/Concat", axis=0)
     g.op("Reshape", [logits, out_shape], "/lm_head/Reshape_out", outputs=[io.logits])

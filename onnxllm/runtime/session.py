@@ -52,6 +52,8 @@ class DecoderSession:
         self._kv_dtype = _NP_DTYPES.get(manifest.kv_cache.dtype, np.float32)
         self._device = _device_of(ort_session.get_providers())
         self._check_io()
+        names = {i.name for i in ort_session.get_inputs()}
+        self._keep_name = self.io.logits_to_keep if self.io.logits_to_keep in names else None
         self.tokens: list[int] = []  # what the cache holds, position by position
         self._kv: list = []  # OrtValues: [k0, v0, k1, v1, ...]
         self._capacity = 0
@@ -116,10 +118,13 @@ class DecoderSession:
         feed_ids = np.asarray([ids], dtype=np.int64)  # (1, S)
         positions = np.arange(start, start + len(ids), dtype=np.int64)[None]  # (1, S)
         mask = self._mask[:, : start + len(ids)]  # (1, T): a view, no allocation
+        keep = None
+        if self._keep_name is not None:
+            keep = np.array(0 if all_logits else 1, dtype=np.int64)
         if self.config.io_binding:
-            logits = self._run_bound(feed_ids, mask, positions)
+            logits = self._run_bound(feed_ids, mask, positions, keep)
         else:
-            logits = self._run_plain(feed_ids, mask, positions)
+            logits = self._run_plain(feed_ids, mask, positions, keep)
         self.tokens.extend(ids)
         return logits[0] if all_logits else logits[0, -1]
 
@@ -179,8 +184,10 @@ class DecoderSession:
             self._binding = binding
         return binding
 
-    def _run_bound(self, ids, mask, positions) -> np.ndarray:
+    def _run_bound(self, ids, mask, positions, keep) -> np.ndarray:
         binding = self._kv_binding()
+        if keep is not None:
+            binding.bind_cpu_input(self._keep_name, keep)
         binding.bind_cpu_input(self.io.input_ids, ids)
         binding.bind_cpu_input(self.io.attention_mask, mask)
         binding.bind_cpu_input(self.io.position_ids, positions)
@@ -191,9 +198,11 @@ class DecoderSession:
             self._kv = outputs[1:]
         return outputs[0].numpy()
 
-    def _run_plain(self, ids, mask, positions) -> np.ndarray:
+    def _run_plain(self, ids, mask, positions, keep) -> np.ndarray:
         """Without IO binding: numpy in, numpy out (the reference path the bound one is tested against)."""
         feed = {self.io.input_ids: ids, self.io.attention_mask: np.ascontiguousarray(mask), self.io.position_ids: positions}
+        if keep is not None:
+            feed[self._keep_name] = keep
         kept = len(self.tokens)
         for i in range(self.num_layers):
             pk, pv, _, _ = self._names(i)
