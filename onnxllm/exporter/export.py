@@ -16,10 +16,10 @@ from typing import Callable
 
 from .. import __version__
 from ..errors import ExportError, InvalidPackageError
-from ..package import (FORMAT_VERSION, Architecture, IOSpec, KVCacheSpec, Manifest, Variant, sha256_file,
+from ..package import (FORMAT_VERSION, Architecture, KVCacheSpec, Manifest, Variant, sha256_file,
                        staging_dir, write_manifest, write_text_atomic)
 from .architectures import DecoderWeights, extract_weights
-from .graph import build_decoder
+from .graph import IO_NAMES, build_decoder
 from .sources import Source, resolve_source
 from .verify import verify_export
 
@@ -231,7 +231,7 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
                 intermediate_size=d.intermediate_size, context_length=d.context_length,
                 parameters=sum(p.numel() for p in model.parameters()),
             ),
-            io=IOSpec(logits_to_keep="num_logits_to_keep"),
+            io=IO_NAMES,
             kv_cache=KVCacheSpec(dtype=options.dtype),
             variants={scheme: variant},
             default_variant={"cpu": scheme, "cuda": scheme, "dml": scheme},

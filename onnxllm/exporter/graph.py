@@ -15,12 +15,11 @@ past and present KV either as separate growing tensors or as one shared prealloc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..package import IOSpec
 from .architectures import DecoderWeights, Linear, Norm
 
 OPSET = 21
@@ -28,20 +27,9 @@ MS_DOMAIN = "com.microsoft"
 _DTYPES = {"float32": (TensorProto.FLOAT, np.float32), "float16": (TensorProto.FLOAT16, np.float16)}
 
 
-@dataclass(frozen=True)
-class IONames:
-    """The naming onnxruntime-genai, optimum and transformers.js share."""
-
-    input_ids: str = "input_ids"
-    attention_mask: str = "attention_mask"
-    position_ids: str = "position_ids"
-    past_key: str = "past_key_values.{}.key"
-    past_value: str = "past_key_values.{}.value"
-    logits: str = "logits"
-    present_key: str = "present.{}.key"
-    present_value: str = "present.{}.value"
-    # Optional: how many last positions get logits (0 = all, the default other runtimes see).
-    logits_to_keep: str = "num_logits_to_keep"
+# The naming onnxruntime-genai, optimum and transformers.js share, plus our optional
+# num_logits_to_keep input (logits for the last N positions only; 0, the default, keeps all).
+IO_NAMES = IOSpec(logits_to_keep="num_logits_to_keep")
 
 
 class _Graph:
@@ -102,7 +90,7 @@ def _rotary_caches(g: _Graph, w: DecoderWeights) -> tuple[str, str]:
     return cos, sin
 
 
-def build_decoder(w: DecoderWeights, *, dtype: str = "float32", io: IONames = IONames()) -> onnx.ModelProto:
+def build_decoder(w: DecoderWeights, *, dtype: str = "float32", io: IOSpec = IO_NAMES) -> onnx.ModelProto:
     """The whole decoder as an in-memory ModelProto (weights inline; `save_model` externalizes)."""
     d = w.dims
     g = _Graph(dtype)
