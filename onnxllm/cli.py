@@ -105,15 +105,22 @@ def export(source, out_dir, dtype, verify, force, trust_remote_code, allow_pickl
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
 @click.option("--asymmetric", is_flag=True, help="Asymmetric (zero-point) quantization.")
 @click.option("--exclude", multiple=True, help="Node name or glob pattern to keep in full precision (repeatable).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+              help="MatMulNBits compute: 4 = int8 activations (fast on CPU), 1 = fp32 (exact, slow).")
+@click.option("--lm-head-bits", type=click.Choice(["8", "4", "0"]), help="lm_head/embedding bits (0 = fp32).")
+@click.option("--no-gguf", is_flag=True, help="Re-quantize even when the GGUF's own blocks could be imported.")
 @click.option("--force", is_flag=True, help="Replace the variant if it exists.")
 @click.option("--no-eval", is_flag=True, help="Skip the short quality check.")
 @handle_errors
-def quantize(package, scheme, block_size, asymmetric, exclude, force, no_eval):
+def quantize(package, scheme, block_size, asymmetric, exclude, accuracy_level, lm_head_bits, no_gguf, force, no_eval):
     """Add an int8 or int4 variant to PACKAGE and measure what it costs in quality."""
     from .api import quantize as api_quantize
 
+    head = int(lm_head_bits) if lm_head_bits is not None else None
     result = api_quantize(package, scheme, block_size=int(block_size), symmetric=not asymmetric,
-                          exclude=tuple(exclude), force=force, evaluate=not no_eval, progress=_progress)
+                          exclude=tuple(exclude), accuracy_level=accuracy_level, lm_head_bits=head,
+                          embed_bits=head, from_gguf=False if no_gguf else "auto", force=force,
+                          evaluate=not no_eval, progress=_progress)
     click.echo(str(result))
 
 

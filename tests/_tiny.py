@@ -15,20 +15,15 @@ from __future__ import annotations
 from pathlib import Path
 
 # Per model_type: a config small enough to export in seconds. Overrides win.
+_DECODER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 256}
 _CONFIGS: dict[str, dict] = {
-    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=True),
-    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=256, sliding_window=None,
-                    tie_word_embeddings=False),
-    "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
-    "phi3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=256,
-                 tie_word_embeddings=False, pad_token_id=0),
-    "gemma": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True),
-    "gpt2": dict(n_embd=64, n_head=4, n_layer=2, n_positions=256, tie_word_embeddings=True),
+    "llama": {**_DECODER, "rope_theta": 10000.0, "tie_word_embeddings": True},
+    "mistral": {**_DECODER, "sliding_window": None, "tie_word_embeddings": False},
+    "qwen2": {**_DECODER, "tie_word_embeddings": True},
+    "phi3": {**_DECODER, "original_max_position_embeddings": 256, "tie_word_embeddings": False, "pad_token_id": 0},
+    "gemma": {**_DECODER, "head_dim": 16, "tie_word_embeddings": True},
+    "gpt2": {"n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 256, "tie_word_embeddings": True},
 }
 VOCAB_SIZE = 320
 EOS = "<|endoftext|>"

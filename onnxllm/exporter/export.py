@@ -168,7 +168,7 @@ def _genai_config(w: DecoderWeights, loaded: _Loaded, onnx_file: str) -> dict:
 def _source_record(src: Source) -> dict:
     if src.kind == "gguf":
         return {"kind": "gguf", "name": src.name, "catalog": src.catalog, "file": src.path.name,
-                "sha256": sha256_file(src.path)}
+                "path": str(src.path.resolve()), "sha256": sha256_file(src.path)}
     files = sorted(src.path.glob("*.safetensors"))
     digest = ",".join(sha256_file(f)[:16] for f in files)
     return {"kind": "hf", "name": src.name, "path": str(src.path), "sha256_safetensors": digest}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import QuantizeError
+from ..errors import OnnxLLMError, QuantizeError
 from ..package import sha256_file
 from .schemes import BLOCK, BlockWeight, pack
 
@@ -43,7 +43,7 @@ def find_source_gguf(package_dir: str | os.PathLike, source: dict) -> tuple[Path
 
         try:
             candidates.append(resolve_catalog(source["catalog"])[1])
-        except Exception as exc:  # a missing wheel is a reason to re-quantize, not to fail
+        except OnnxLLMError as exc:  # a missing wheel is a reason to re-quantize, not to fail
             return None, f"catalog model {source['catalog']!r} is unavailable ({exc})"
     for key in ("path", "name"):
         if source.get(key):
@@ -65,7 +65,7 @@ def _reverse_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
 
 def decode_blocks(kind: str, raw: np.ndarray, rows: int) -> BlockWeight:
     """GGUF tensor bytes (rows, row_bytes) of type `kind` -> a BlockWeight holding the same numbers."""
-    size, bits = _FORMATS[kind]
+    size = _FORMATS[kind][0]
     blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, -1, size)
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     if kind == "Q8_0":
@@ -104,7 +104,7 @@ class GGUFBlocks:
 
         try:
             self.reader = gguf.GGUFReader(str(path))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the reader raises ValueError, struct.error... on garbage
             raise QuantizeError(f"cannot read {path} as GGUF: {exc}") from None
         self.path = Path(path)
         self.tensors = {t.name: t for t in self.reader.tensors}
@@ -170,4 +170,4 @@ def matches_dense(bw: BlockWeight, dense: np.ndarray) -> tuple[bool, float]:
     return diff <= tolerance, diff
 
 
-__all__ = ["BLOCK", "GGUFBlocks", "decode_blocks", "concat_rows", "find_source_gguf", "matches_dense"]
+__all__ = ["BLOCK", "GGUFBlocks", "concat_rows", "decode_blocks", "find_source_gguf", "matches_dense"]

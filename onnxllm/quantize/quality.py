@@ -73,11 +73,12 @@ class DecoderRunner:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # the overridable num_logits_to_keep input draws a harmless warning
         if threads:
             options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - ORT's pybind errors share no useful base class
             raise InvalidPackageError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from None
         self.io = manifest.io
         arch = manifest.architecture

@@ -18,21 +18,37 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
 from ..errors import QuantizeError
 from ..package import Variant, read_manifest, safe_path, write_manifest
 from .gguf_blocks import GGUFBlocks, find_source_gguf, matches_dense
-from .quality import (QUALITY_FILE, DecoderRunner, QualityReport, compare, hamlet_text, read_quality,
-                      save_quality, tokenize)
-from .schemes import LOSSLESS_MIN_TOP1, SCHEMES, WARN_TOP1, BlockWeight, Scheme, ort_quantizer, quantize_rows
+from .quality import (
+    QUALITY_FILE,
+    DecoderRunner,
+    QualityReport,
+    compare,
+    hamlet_text,
+    save_quality,
+    tokenize,
+)
+from .schemes import (
+    LOSSLESS_MIN_TOP1,
+    MS_DOMAIN,
+    SCHEMES,
+    WARN_TOP1,
+    BlockWeight,
+    Scheme,
+    ort_quantizer,
+    quantize_rows,
+    replacement_nodes,
+)
 
 Progress = Callable[[str], None]
-_MS = "com.microsoft"
 _TWO_GB = 2_000_000_000
 
 
@@ -57,7 +73,8 @@ class QuantizeResult:
             how += f", imported losslessly from {gguf.get('file')}"
         elif gguf.get("used"):
             how += f", {gguf.get('imported')} weights imported from {gguf.get('file')}, the rest re-quantized"
-        lines = [f"{self.variant}: {self.file.name}, {self.bytes / 2**20:.1f} MiB ({self.size_ratio:.1%} of fp32); {how}"]
+        size = f"{self.bytes / 2**20:.1f} MiB ({self.size_ratio:.1%} of fp32)"
+        lines = [f"{self.variant}: {self.file.name}, {size}; {how}"]
         if self.quality is not None:
             lines.append(f"  vs fp32 on {self.quality.tokens} tokens: {self.quality.summary()}")
             lines.append("  meets its targets: " + ("yes, now the default for " + ", ".join(self.default_for)
@@ -71,9 +88,18 @@ class _Target:
     node: object  # onnx.NodeProto
     kind: str  # linear | lm_head | embedding
     weight: str  # initializer name
-    dense: np.ndarray  # (N, K) float32: rows are output features (or vocabulary entries)
+    tensor: object  # its onnx.TensorProto (read when needed: a second copy of every weight costs GBs)
+    transposed: bool  # stored (K, N), as MatMul wants it
     bits: int
     block: BlockWeight | None = None
+
+    @property
+    def dense(self) -> np.ndarray:
+        """(N, K) float32: rows are output features (or vocabulary entries)."""
+        from onnx import numpy_helper
+
+        array = self.tensor if isinstance(self.tensor, np.ndarray) else numpy_helper.to_array(self.tensor)
+        return array.T if self.transposed else array
 
 
 def _onnx_bytes(path: Path) -> int:
@@ -85,10 +111,10 @@ def _matches(patterns: Iterable[str], *names: str) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
 
 
-def _find_targets(model, scheme: Scheme, exclude: tuple[str, ...], lm_head_bits: int,
-                  embed_bits: int) -> tuple[list[_Target], list[str]]:
+def _find_targets(model, scheme: Scheme, exclude: tuple[str, ...], lm_head_bits: int, embed_bits: int,
+                  block_size: int) -> tuple[list[_Target], list[str]]:
     """Every weight this scheme quantizes, and the names of the nodes `exclude` keeps in fp32."""
-    from onnx import numpy_helper
+    import onnx
 
     inits = {t.name: t for t in model.graph.initializer}
     rank2 = {i.name for i in model.graph.input if len(i.type.tensor_type.shape.dim) == 2}
@@ -98,7 +124,8 @@ def _find_targets(model, scheme: Scheme, exclude: tuple[str, ...], lm_head_bits:
         if node.op_type == "MatMul" and node.input[1] in inits:
             kind, bits, transposed = "linear", scheme.bits, True
         elif node.op_type == "Gemm" and len(node.input) == 2 and node.input[1] in inits:
-            if any(attrs[a].f != 1.0 for a in ("alpha", "beta") if a in attrs) or attrs.get("transA", None) and attrs["transA"].i:
+            scaled = any(attrs[a].f != 1.0 for a in ("alpha", "beta") if a in attrs)
+            if scaled or ("transA" in attrs and attrs["transA"].i):
                 continue
             kind, bits, transposed = "lm_head", lm_head_bits, not (attrs.get("transB") and attrs["transB"].i)
         elif node.op_type == "Gather" and node.input[0] in inits and node.input[1] in rank2:
@@ -111,11 +138,13 @@ def _find_targets(model, scheme: Scheme, exclude: tuple[str, ...], lm_head_bits:
         if bits == 0 or _matches(exclude, node.name, weight):
             excluded.append(node.name)
             continue
-        dense = numpy_helper.to_array(inits[weight])
-        if dense.ndim != 2 or dense.dtype != np.float32:
+        tensor = inits[weight]
+        if len(tensor.dims) != 2 or tensor.data_type != onnx.TensorProto.FLOAT:
             continue
-        dense = dense.T if transposed else dense
-        targets.append(_Target(node, kind, weight, dense, bits))
+        if kind == "embedding" and tensor.dims[1] % block_size:  # gathered rows must be whole blocks
+            excluded.append(node.name)
+            continue
+        targets.append(_Target(node, kind, weight, tensor, transposed, bits))
     return targets, excluded
 
 
@@ -156,72 +185,6 @@ def _import_gguf(targets: list[_Target], blocks: GGUFBlocks, block_size: int) ->
             "requantized": len(requantized), "requantized_because": reasons}
 
 
-def _block_sum(model, k: int, block: int) -> str:
-    """A shared (K, K/block) 0/1 matrix: x @ it sums x over each block (for the Q4_1 offsets)."""
-    from onnx import numpy_helper
-
-    name = f"/quantize/block_sum_{k}x{block}"
-    if not any(t.name == name for t in model.graph.initializer):
-        p = np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32))
-        model.graph.initializer.append(numpy_helper.from_array(p, name))
-    return name
-
-
-def _rewrite(model, t: _Target, bw: BlockWeight, accuracy_level: int, shared: dict) -> list:
-    """Nodes replacing t.node; adds (or reuses, for a tied weight) the quantized initializers."""
-    from onnx import helper, numpy_helper
-
-    n, k = bw.shape
-    base, key = t.weight + f"_Q{bw.bits}", (t.weight, bw.bits)
-    if shared.get(key, bw) is not bw:  # same fp32 weight, different quantized form (see _build)
-        base, key = base + f"_{t.kind}", (t.weight + t.kind, bw.bits)
-    if key not in shared:  # one packed tensor serves both the lm_head and a tied embedding
-        model.graph.initializer.extend([numpy_helper.from_array(bw.packed, base),
-                                        numpy_helper.from_array(bw.scales, base + "_scales")])
-        if bw.zero_points is not None:
-            model.graph.initializer.append(numpy_helper.from_array(bw.zero_points, base + "_zero_points"))
-        shared[key] = bw
-    x, out, name = t.node.input[1 if t.kind == "embedding" else 0], t.node.output[0], t.node.name
-    if t.kind == "embedding":
-        inputs = [base, x, name + "/scales"]
-        nodes = [helper.make_node("Reshape", [base + "_scales", name + "/scales_shape"], [name + "/scales"],
-                                  name=name + "/ScalesReshape")]
-        shape3 = numpy_helper.from_array(np.asarray([n, k // bw.block_size, 1], np.int64), name + "/scales_shape")
-        flat = numpy_helper.from_array(np.asarray([0, 0, k], np.int64), name + "/out_shape")
-        model.graph.initializer.extend([shape3, flat])
-        if bw.zero_points is not None:  # GatherBlockQuantized wants zero points shaped like its scales
-            zp = bw.zero_point_values().astype(np.uint8).reshape(n, -1, 1)
-            model.graph.initializer.append(numpy_helper.from_array(zp, name + "/zero_points"))
-            inputs.append(name + "/zero_points")
-        nodes += [helper.make_node("GatherBlockQuantized", inputs, [name + "/blocks"], name=name + f"_Q{bw.bits}",
-                                   domain=_MS, bits=bw.bits, block_size=bw.block_size, gather_axis=0,
-                                   quantize_axis=2),
-                  helper.make_node("Reshape", [name + "/blocks", name + "/out_shape"], [out], name=name + "/Reshape")]
-        return nodes
-    inputs = [x, base, base + "_scales"] + ([base + "_zero_points"] if bw.zero_points is not None else [])
-    attrs = {"K": k, "N": n, "bits": bw.bits, "block_size": bw.block_size}
-    if accuracy_level:
-        attrs["accuracy_level"] = accuracy_level
-    if bw.offset is None:
-        return [helper.make_node("MatMulNBits", inputs, [out], name=name + f"_Q{bw.bits}", domain=_MS, **attrs)]
-    # Q4_1: y = MatMulNBits(x) + block_sums(x) @ offset^T. The offsets (m + 8d) are sums of two f16
-    # values and almost always exact in f16: stored f16 (2 bytes/block, not 4) when every one is.
-    offset_t = np.ascontiguousarray(bw.offset.T)
-    half = offset_t.astype(np.float16)
-    exact = bool(np.array_equal(half.astype(np.float32), offset_t))
-    model.graph.initializer.append(numpy_helper.from_array(half if exact else offset_t, base + "_offset"))
-    nodes = [helper.make_node("MatMulNBits", inputs, [name + "/nbits"], name=name + f"_Q{bw.bits}", domain=_MS, **attrs),
-             helper.make_node("MatMul", [x, _block_sum(model, k, bw.block_size)], [name + "/block_sums"],
-                              name=name + "/BlockSum")]
-    offset = base + "_offset"
-    if exact:
-        nodes.append(helper.make_node("Cast", [offset], [name + "/offset"], name=name + "/OffsetCast", to=1))
-        offset = name + "/offset"
-    nodes += [helper.make_node("MatMul", [name + "/block_sums", offset], [name + "/offsets"], name=name + "/Offset"),
-              helper.make_node("Add", [name + "/nbits", name + "/offsets"], [out], name=name + "/Add")]
-    return nodes
-
-
 def _requantize_matmuls(model, targets: list[_Target], bits: int, block_size: int, symmetric: bool,
                         accuracy_level: int):
     """ONNX Runtime's own MatMulNBitsQuantizer, on exactly the MatMuls in `targets`."""
@@ -252,7 +215,7 @@ def _build(model, targets: list[_Target], *, block_size: int, symmetric: bool, a
         if bw is None:  # a Gather cannot apply Q4_1 offsets: it gets its own tensor then
             usable = prior is not None and (t.kind != "embedding" or prior.offset is None)
             bw = prior if usable else quantize_rows(t.dense, t.bits, block_size=block_size, symmetric=symmetric)
-        replaced[t.node.name] = _rewrite(model, t, bw, accuracy_level, shared)
+        replaced[t.node.name] = replacement_nodes(model, t.kind, t.node, t.weight, bw, accuracy_level, shared)
     nodes = []
     for node in model.graph.node:
         nodes.extend(replaced.get(node.name, [node]))
@@ -262,8 +225,8 @@ def _build(model, targets: list[_Target], *, block_size: int, symmetric: bool, a
     keep = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
-    if not any(o.domain == _MS for o in model.opset_import):
-        model.opset_import.append(__import__("onnx").helper.make_opsetid(_MS, 1))
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(__import__("onnx").helper.make_opsetid(MS_DOMAIN, 1))
     return model
 
 
@@ -285,20 +248,20 @@ class _Commit:
         self.quality = (root / QUALITY_FILE).read_bytes() if (root / QUALITY_FILE).exists() else None
 
     def move(self, src: Path, final: Path) -> None:
-        backup = None
-        if final.exists():
-            backup = final.with_name(f".{final.name}.{os.getpid()}.old")
-            os.replace(final, backup)
+        # Recorded before acting, so an interrupt between the two renames is still undone.
+        backup = final.with_name(f".{final.name}.{os.getpid()}.old") if final.exists() else None
         self.moved.append((final, backup))
+        if backup is not None:
+            os.replace(final, backup)
         os.replace(src, final)
 
     def rollback(self) -> None:
         for final, backup in reversed(self.moved):
             with contextlib.suppress(OSError):
-                if backup is not None:
+                if backup is None:
+                    final.unlink(missing_ok=True)
+                elif backup.exists():  # else the first rename never happened: final is the original
                     os.replace(backup, final)
-                else:
-                    final.unlink()
         with contextlib.suppress(OSError):
             if self.quality is None:
                 (self.root / QUALITY_FILE).unlink(missing_ok=True)
@@ -370,7 +333,7 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
 
     say(f"loading {fp32_path.name}")
     model = onnx.load(str(fp32_path))
-    targets, excluded = _find_targets(model, spec, exclude, head_bits, emb_bits)
+    targets, excluded = _find_targets(model, spec, exclude, head_bits, emb_bits, block_size)
     if not targets:
         raise QuantizeError("nothing to quantize: every weight is excluded or not a MatMul/Gemm/Gather weight")
     if blocks is not None:
@@ -394,7 +357,10 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
         nbytes = _onnx_bytes(staged)
         ratio = nbytes / manifest.variants["fp32"].bytes
         report, meets = None, None
-        if evaluate:
+        if not evaluate:  # at least prove ONNX Runtime accepts it before it joins the package
+            say("checking that ONNX Runtime loads it")
+            DecoderRunner(staged, manifest)
+        else:
             say(f"evaluating against fp32 on {eval_tokens} tokens of Hamlet")
             ids = tokenize(root, manifest, hamlet_text(), eval_tokens)
             report = compare(DecoderRunner(staged, manifest), DecoderRunner(fp32_path, manifest), ids,
@@ -409,13 +375,15 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
                              f"perplexity {report.perplexity_change:+.1%}, size {ratio:.1%}); "
                              "it was not made the default")
         kept8 = [t.node.name for t in targets if t.bits == 8 and scheme != "int8"]
+        kinds = {t.kind for t in targets}
         method = {
             "quantizer": "onnxruntime.quantization MatMulNBitsQuantizer (DefaultWeightOnlyQuantConfig)",
-            "operator": f"{_MS}.MatMulNBits", "bits": spec.bits, "block_size": block_size,
+            "operator": f"{MS_DOMAIN}.MatMulNBits", "bits": spec.bits, "block_size": block_size,
             "symmetric": symmetric, "accuracy_level": accuracy_level,
-            "lm_head": {"bits": head_bits, "operator": "MatMulNBits" if head_bits else "Gemm (fp32)"},
-            "embedding": {"bits": emb_bits,
-                          "operator": "GatherBlockQuantized" if emb_bits else "Gather (fp32)",
+            "lm_head": {"bits": head_bits if "lm_head" in kinds else 0,
+                        "operator": "MatMulNBits" if "lm_head" in kinds else "Gemm (fp32)"},
+            "embedding": {"bits": emb_bits if "embedding" in kinds else 0,
+                          "operator": "GatherBlockQuantized" if "embedding" in kinds else "Gather (fp32)",
                           "shared_with_lm_head": _tied(targets) and head_bits == emb_bits},
             "exclude": list(exclude), "excluded": excluded, "kept_8bit": kept8,
             "lossless": lossless, "gguf": gguf_record,
@@ -437,7 +405,13 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
         method["seconds"] = round(time.perf_counter() - started, 1)
         default_for = ("cpu",) if meets else ()
         variant = Variant(file=spec.file, scheme=scheme, dtype="float32", bytes=nbytes, method=method)
-        write_manifest(root, manifest.with_variant(scheme, variant, default_for=default_for))
+        updated = manifest.with_variant(scheme, variant, default_for=default_for)
+        # A rebuilt variant that is no longer known to meet its targets stops being anyone's default.
+        demoted = tuple(dev for dev, name in updated.default_variant.items() if name == scheme and not meets)
+        if demoted:
+            updated = updated.with_variant("fp32", manifest.variants["fp32"], default_for=demoted)
+            notes.append(f"{', '.join(demoted)} default{'s' if len(demoted) > 1 else ''} back to fp32")
+        write_manifest(root, updated)
     except BaseException:
         commit.rollback()
         raise

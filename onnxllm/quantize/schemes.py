@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
+MS_DOMAIN = "com.microsoft"
 BLOCK = 32  # GGUF's Q4_0/Q4_1/Q8_0 block, and MatMulNBits' usual one
 
 
@@ -45,8 +46,9 @@ class Scheme:
     description: str
 
 
-# lm_head/embedding at 8 bits for int4: measured on SmolLM2 (docs/QUANTIZATION.md), 4-bit lm_head
-# costs most of the int4 top-1 loss while it saves only ~14 MB.
+# lm_head/embedding at 8 bits for int4, measured on SmolLM2 (docs/QUANTIZATION.md): at 4 bits the
+# shared table saves 13.5 MiB but costs 10 points of top-1 (97.3% -> 86.7%) and +6.3% perplexity,
+# missing the int4 targets; at 8 bits the variant is 20.0% of fp32 and within them.
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
@@ -73,11 +75,12 @@ class BlockWeight:
     offset: np.ndarray | None = None  # (N, K/block) float32: W += offset per block
     block_size: int = BLOCK
     source: str = "requantized"  # or the GGUF type it came from: Q4_0 | Q4_1 | Q8_0
+    k: int = 0  # input features when K is not a whole number of blocks (the last block is padded)
 
     @property
     def shape(self) -> tuple[int, int]:
         n, kb, _ = self.packed.shape
-        return n, kb * self.block_size
+        return n, self.k or kb * self.block_size
 
     def values(self) -> np.ndarray:
         """The quantized integers q, (N, K/block, block) uint8."""
@@ -99,7 +102,8 @@ class BlockWeight:
         w = (q - self.zero_point_values()[..., None]) * self.scales[..., None]
         if self.offset is not None:
             w = w + self.offset[..., None]
-        return w.reshape(self.shape)
+        n, k = self.shape
+        return w.reshape(n, -1)[:, :k]
 
     def nbytes(self) -> int:
         extra = sum(a.nbytes for a in (self.zero_points, self.offset) if a is not None)
@@ -154,4 +158,76 @@ def quantize_rows(w: np.ndarray, bits: int, *, block_size: int = BLOCK, symmetri
         # The quantizer takes the MatMul layout (K, N) and returns MatMulNBits' (N, K/block, blob).
         packed, scales, zero_points = ortq.DefaultWeightOnlyQuantizer(config).qbits_block_quant(
             np.ascontiguousarray(w.T, dtype=np.float32))
-    return BlockWeight(bits, packed, scales, None if symmetric else zero_points, block_size=block_size)
+    return BlockWeight(bits, packed, scales, None if symmetric else zero_points, block_size=block_size, k=w.shape[1])
+
+
+def _block_sum(model, k: int, block: int) -> str:
+    """A shared (K, K/block) 0/1 matrix: x @ it sums x over each block (for the Q4_1 offsets)."""
+    from onnx import numpy_helper
+
+    name = f"/quantize/block_sum_{k}x{block}"
+    if not any(t.name == name for t in model.graph.initializer):
+        p = np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32))
+        model.graph.initializer.append(numpy_helper.from_array(p, name))
+    return name
+
+
+def replacement_nodes(model, kind: str, node, weight: str, bw: BlockWeight, accuracy_level: int,
+                      shared: dict) -> list:
+    """The nodes that replace `node` (kind: linear | lm_head | embedding) by its quantized form `bw`.
+
+    Adds bw's initializers to `model`, or reuses them through `shared` (keyed by fp32 weight and bits)
+    when a tied lm_head already added them.
+    """
+    from onnx import helper, numpy_helper
+
+    n, k = bw.shape
+    base, key = weight + f"_Q{bw.bits}", (weight, bw.bits)
+    if shared.get(key, bw) is not bw:  # same fp32 weight, different quantized form (quantize._build)
+        base, key = base + f"_{kind}", (weight + kind, bw.bits)
+    if key not in shared:  # one packed tensor serves both the lm_head and a tied embedding
+        model.graph.initializer.extend([numpy_helper.from_array(bw.packed, base),
+                                        numpy_helper.from_array(bw.scales, base + "_scales")])
+        if bw.zero_points is not None:
+            model.graph.initializer.append(numpy_helper.from_array(bw.zero_points, base + "_zero_points"))
+        shared[key] = bw
+    x, out, name = node.input[1 if kind == "embedding" else 0], node.output[0], node.name
+    if kind == "embedding":
+        inputs = [base, x, name + "/scales"]
+        nodes = [helper.make_node("Reshape", [base + "_scales", name + "/scales_shape"], [name + "/scales"],
+                                  name=name + "/ScalesReshape")]
+        shape3 = numpy_helper.from_array(np.asarray([n, k // bw.block_size, 1], np.int64), name + "/scales_shape")
+        flat = numpy_helper.from_array(np.asarray([0, 0, k], np.int64), name + "/out_shape")
+        model.graph.initializer.extend([shape3, flat])
+        if bw.zero_points is not None:  # GatherBlockQuantized wants zero points shaped like its scales
+            zp = bw.zero_point_values().astype(np.uint8).reshape(n, -1, 1)
+            model.graph.initializer.append(numpy_helper.from_array(zp, name + "/zero_points"))
+            inputs.append(name + "/zero_points")
+        nodes += [helper.make_node("GatherBlockQuantized", inputs, [name + "/blocks"], name=name + f"_Q{bw.bits}",
+                                   domain=MS_DOMAIN, bits=bw.bits, block_size=bw.block_size, gather_axis=0,
+                                   quantize_axis=2),
+                  helper.make_node("Reshape", [name + "/blocks", name + "/out_shape"], [out], name=name + "/Reshape")]
+        return nodes
+    inputs = [x, base, base + "_scales"] + ([base + "_zero_points"] if bw.zero_points is not None else [])
+    attrs = {"K": k, "N": n, "bits": bw.bits, "block_size": bw.block_size}
+    if accuracy_level:
+        attrs["accuracy_level"] = accuracy_level
+    if bw.offset is None:
+        return [helper.make_node("MatMulNBits", inputs, [out], name=name + f"_Q{bw.bits}", domain=MS_DOMAIN, **attrs)]
+    # Q4_1: y = MatMulNBits(x) + block_sums(x) @ offset^T. The offsets (m + 8d) are sums of two f16
+    # values and almost always exact in f16: stored f16 (2 bytes/block, not 4) when every one is.
+    offset_t = np.ascontiguousarray(bw.offset.T)
+    half = offset_t.astype(np.float16)
+    exact = bool(np.array_equal(half.astype(np.float32), offset_t))
+    model.graph.initializer.append(numpy_helper.from_array(half if exact else offset_t, base + "_offset"))
+    nodes = [helper.make_node("MatMulNBits", inputs, [name + "/nbits"], name=name + f"_Q{bw.bits}", domain=MS_DOMAIN,
+                              **attrs),
+             helper.make_node("MatMul", [x, _block_sum(model, k, bw.block_size)], [name + "/block_sums"],
+                              name=name + "/BlockSum")]
+    offset = base + "_offset"
+    if exact:
+        nodes.append(helper.make_node("Cast", [offset], [name + "/offset"], name=name + "/OffsetCast", to=1))
+        offset = name + "/offset"
+    nodes += [helper.make_node("MatMul", [name + "/block_sums", offset], [name + "/offsets"], name=name + "/Offset"),
+              helper.make_node("Add", [name + "/nbits", name + "/offsets"], [out], name=name + "/Add")]
+    return nodes

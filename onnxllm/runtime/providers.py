@@ -303,6 +303,9 @@ def session_options(
         names = ", ".join(_OPTIMIZATION_LEVELS)
         raise DeviceError(f"unknown optimization level {optimization!r}; choose one of: {names}")
     so = ort.SessionOptions()
+    # ORT warns about things users cannot act on (e.g. our overridable num_logits_to_keep input);
+    # errors still come through, as exceptions that onnxllm turns into one-line messages.
+    so.log_severity_level = 3
     level = _OPTIMIZATION_LEVELS[optimization]
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     # A decoder is a chain of dependent ops: parallel branches gain nothing, and
