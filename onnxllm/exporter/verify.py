@@ -8,7 +8,8 @@ import numpy as np
 
 from .architectures import DecoderDims
 
-TOLERANCE = {"float32": 1e-3, "float16": 5e-2}
+# float16 keeps ~3 significant digits; over 30 layers logits of magnitude ~20 drift by ~0.1-0.2.
+TOLERANCE = {"float32": 1e-3, "float16": 0.3}
 
 
 @dataclass(frozen=True)

@@ -157,16 +157,25 @@ class GGUFBlocks:
             raise KeyError(f"its GGUF parts cannot be fused losslessly ({exc})") from None
 
 
-def matches_dense(bw: BlockWeight, dense: np.ndarray) -> tuple[bool, float]:
-    """(ok, max |diff|): does the block weight reproduce the fp32 weight the exporter wrote (N, K)?
+def matches_dense(bw: BlockWeight, dense: np.ndarray, dtype=np.float32) -> tuple[bool, float]:
+    """(ok, max |diff|): does the block weight reproduce the weight the exporter wrote (N, K)?
 
     Q4_0/Q8_0 must match bit for bit; Q4_1 computed as d*(q-8) + (m+8d) may differ from llama.cpp's
-    d*q + m by float32 rounding (an ulp or two), never more.
+    d*q + m by float32 rounding (an ulp or two), never more. A float16 export (`dtype` float16) holds
+    each GGUF weight rounded to float16: the blocks match when every weight is within half a float16
+    ulp of it (the blocks are then the more exact of the two).
     """
     if dense.shape != bw.shape:
         return False, float("inf")
-    diff = float(np.abs(bw.dequantize() - dense).max()) if dense.size else 0.0
+    dense = np.asarray(dense, np.float32)
+    if not dense.size:
+        return True, 0.0
+    gap = np.abs(bw.dequantize() - dense)
     tolerance = 4 * np.finfo(np.float32).eps * max(1.0, float(np.abs(dense).max())) if bw.offset is not None else 0.0
+    if np.dtype(dtype) == np.float16:
+        half_ulp = np.spacing(np.abs(dense).astype(np.float16)).astype(np.float32) / 2
+        return bool(np.all(gap <= half_ulp + tolerance)), float(gap.max())
+    diff = float(gap.max())
     return diff <= tolerance, diff
 
 

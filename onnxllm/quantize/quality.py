@@ -1,4 +1,6 @@
-"""How far a variant is from the fp32 model: perplexity, KL divergence, top-1 and greedy agreement.
+"""How far a variant is from its base model: perplexity, KL divergence, top-1 and greedy agreement.
+
+The base (reference) is the fp32 variant when the package has one, else its fp16 variant.
 
 Both models run on CPU through a plain onnxruntime.InferenceSession over the whole text at once
 (an empty past), so the figures do not depend on the generation loop under test elsewhere.
@@ -51,6 +53,14 @@ def format_report(report: QualityReport) -> str:
     """A QualityReport for people: which variant, on what, then the figures."""
     text = "Hamlet" if report.text == "hamlet" else "the given text"
     return f"{report.variant} against {report.reference} on {report.tokens} tokens of {text}: {report.summary()}"
+
+
+def base_variant(manifest: Manifest) -> str | None:
+    """The unquantized variant others are made from and compared with: fp32, else fp16; None if neither."""
+    for name in ("fp32", "fp16"):
+        if name in manifest.variants:
+            return name
+    return None
 
 
 def hamlet_text() -> str:
@@ -200,12 +210,15 @@ def save_quality(package_dir: str | os.PathLike, report: QualityReport) -> None:
 
 
 def evaluate(package_dir: str | os.PathLike, variant: str, *, text: str | None = None, max_tokens: int = 256,
-             reference: str = "fp32", greedy_tokens: int = GREEDY_NEW_TOKENS, save: bool = True) -> QualityReport:
+             reference: str | None = None, greedy_tokens: int = GREEDY_NEW_TOKENS, save: bool = True) -> QualityReport:
     """Compare `variant` of a package with its `reference` variant on `text` (default: Hamlet).
 
+    `reference` None: the variant the package's quantized variants are made from (fp32, else fp16).
     Saves the report into the package's quality.json (keyed by variant) unless save=False.
     """
     manifest = read_manifest(package_dir)
+    if reference is None:
+        reference = base_variant(manifest) or "fp32"
     for name in (variant, reference):
         if name not in manifest.variants:
             raise QuantizeError(f"the package has no variant {name!r}; it has: {', '.join(manifest.variants)}")

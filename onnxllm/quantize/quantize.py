@@ -1,11 +1,15 @@
-"""quantize(): add an int8 or int4 variant to a package, next to its fp32 model, all or nothing.
+"""quantize(): add an int8 or int4 variant to a package, next to its base model, all or nothing.
 
-    MatMul(x, W fp32)           -> MatMulNBits(x, q, scales)            ONNX Runtime's quantizer, or GGUF blocks
+    MatMul(x, W)                -> MatMulNBits(x, q, scales)            ONNX Runtime's quantizer, or GGUF blocks
                                    [+ (x @ block_sum) @ offset^T]       GGUF Q4_1 only, see schemes.py
     Gemm(h, E, transB) lm_head  -> MatMulNBits(h, qE, sE)               MatMulNBits computes A @ B^T: E as it is
     Gather(E, ids) embedding    -> GatherBlockQuantized(qE, ids, sE)    the same qE when E is tied to the lm_head
 
-The fp32 model is only read. The new .onnx is written into a temp folder, evaluated, moved into
+The base is the fp32 variant, or the fp16 one (a `--dtype float16` export, for CUDA) when there is no
+fp32: its weights are quantized in float32 and the scales written in float16, so the variant keeps
+the base's float16 activations and KV cache (its dtype), and is compared with the fp16 model.
+
+The base model is only read. The new .onnx is written into a temp folder, evaluated, moved into
 place, and the manifest is written last; any failure (or Ctrl-C) restores the package as it was.
 """
 
@@ -31,6 +35,7 @@ from .quality import (
     QUALITY_FILE,
     DecoderRunner,
     QualityReport,
+    base_variant,
     compare,
     hamlet_text,
     save_quality,
@@ -50,6 +55,11 @@ from .schemes import (
 
 Progress = Callable[[str], None]
 _TWO_GB = 2_000_000_000
+# Float types a base variant may have: (ONNX element type, numpy type).
+_FLOAT_TYPES = {"float32": (1, np.float32), "float16": (10, np.float16)}
+# Devices a quantized variant that meets its targets becomes the default for, by its float type: a
+# float16 graph runs on CPU, but slowly (ORT converts around most CPU kernels); CUDA needs float16.
+_DEFAULT_DEVICES = {"float32": ("cpu",), "float16": ("cuda", "dml")}
 
 
 @dataclass(frozen=True)
@@ -57,26 +67,28 @@ class QuantizeResult:
     variant: str
     file: Path  # absolute path of the new .onnx
     bytes: int
-    size_ratio: float  # of the fp32 model
+    size_ratio: float  # of the base model
     method: dict  # what the manifest records
     quality: QualityReport | None
     meets_targets: bool | None  # None when not evaluated
     default_for: tuple[str, ...]  # devices it became the default for
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    base: str = "fp32"  # the variant it was made from and compared with (fp32, or fp16)
 
     def __str__(self) -> str:
         m = self.method
-        how = f"{m['bits']}-bit, block {m['block_size']}, lm_head/embedding {m['lm_head']['bits'] or 32}-bit"
+        full = 16 if m.get("dtype") == "float16" else 32
+        how = f"{m['bits']}-bit, block {m['block_size']}, lm_head/embedding {m['lm_head']['bits'] or full}-bit"
         gguf = m.get("gguf") or {}
         if m.get("lossless"):
             how += f", imported losslessly from {gguf.get('file')}"
         elif gguf.get("used"):
             how += f", {gguf.get('imported')} weights imported from {gguf.get('file')}, the rest re-quantized"
-        size = f"{self.bytes / 2**20:.1f} MiB ({self.size_ratio:.1%} of fp32)"
+        size = f"{self.bytes / 2**20:.1f} MiB ({self.size_ratio:.1%} of {self.base})"
         lines = [f"{self.variant}: {self.file.name}, {size}; {how}"]
         if self.quality is not None:
-            lines.append(f"  vs fp32 on {self.quality.tokens} tokens: {self.quality.summary()}")
+            lines.append(f"  vs {self.base} on {self.quality.tokens} tokens: {self.quality.summary()}")
             lines.append("  meets its targets: " + ("yes, now the default for " + ", ".join(self.default_for)
                                                     if self.meets_targets else "no, not made the default"))
         lines += [f"  {w}" for w in self.warnings]
@@ -95,10 +107,11 @@ class _Target:
 
     @property
     def dense(self) -> np.ndarray:
-        """(N, K) float32: rows are output features (or vocabulary entries)."""
+        """(N, K) float32 (a float16 weight widened exactly): rows are output features (or vocabulary entries)."""
         from onnx import numpy_helper
 
         array = self.tensor if isinstance(self.tensor, np.ndarray) else numpy_helper.to_array(self.tensor)
+        array = array.astype(np.float32, copy=False)
         return array.T if self.transposed else array
 
 
@@ -112,10 +125,11 @@ def _matches(patterns: Iterable[str], *names: str) -> bool:
 
 
 def _find_targets(model, scheme: Scheme, exclude: tuple[str, ...], lm_head_bits: int, embed_bits: int,
-                  block_size: int) -> tuple[list[_Target], list[str]]:
-    """Every weight this scheme quantizes, and the names of the nodes `exclude` keeps in fp32."""
-    import onnx
+                  block_size: int, elem_type: int = 1) -> tuple[list[_Target], list[str]]:
+    """Every weight this scheme quantizes, and the names of the nodes `exclude` keeps unquantized.
 
+    `elem_type`: the base's float type (ONNX FLOAT or FLOAT16); weights of other types are left alone.
+    """
     inits = {t.name: t for t in model.graph.initializer}
     rank2 = {i.name for i in model.graph.input if len(i.type.tensor_type.shape.dim) == 2}
     targets, excluded = [], []
@@ -139,7 +153,7 @@ def _find_targets(model, scheme: Scheme, exclude: tuple[str, ...], lm_head_bits:
             excluded.append(node.name)
             continue
         tensor = inits[weight]
-        if len(tensor.dims) != 2 or tensor.data_type != onnx.TensorProto.FLOAT:
+        if len(tensor.dims) != 2 or tensor.data_type != elem_type:
             continue
         if kind == "embedding" and tensor.dims[1] % block_size:  # gathered rows must be whole blocks
             excluded.append(node.name)
@@ -148,7 +162,8 @@ def _find_targets(model, scheme: Scheme, exclude: tuple[str, ...], lm_head_bits:
     return targets, excluded
 
 
-def _import_gguf(targets: list[_Target], blocks: GGUFBlocks, block_size: int) -> dict:
+def _import_gguf(targets: list[_Target], blocks: GGUFBlocks, block_size: int, dtype=np.float32,
+                 base: str = "fp32") -> dict:
     """Attach GGUF block weights to the targets that can take them exactly; say why for the others."""
     imported: dict[str, str] = {}
     requantized: dict[str, str] = {}
@@ -169,9 +184,9 @@ def _import_gguf(targets: list[_Target], blocks: GGUFBlocks, block_size: int) ->
         elif t.kind == "embedding" and bw.offset is not None:
             requantized[t.node.name] = "GatherBlockQuantized has no per-block offset for Q4_1"
         else:
-            ok, diff = matches_dense(bw, t.dense)
-            if not ok:  # the fp32 export is the reference: never import blocks that disagree with it
-                requantized[t.node.name] = f"GGUF blocks differ from the exported fp32 weight by {diff:.3g}"
+            ok, diff = matches_dense(bw, t.dense, dtype)
+            if not ok:  # the export is the reference: never import blocks that disagree with it
+                requantized[t.node.name] = f"GGUF blocks differ from the exported {base} weight by {diff:.3g}"
             else:
                 t.block = bw
                 imported[t.node.name] = bw.source
@@ -186,8 +201,15 @@ def _import_gguf(targets: list[_Target], blocks: GGUFBlocks, block_size: int) ->
 
 
 def _requantize_matmuls(model, targets: list[_Target], bits: int, block_size: int, symmetric: bool,
-                        accuracy_level: int):
-    """ONNX Runtime's own MatMulNBitsQuantizer, on exactly the MatMuls in `targets`."""
+                        accuracy_level: int, dtype=np.float32):
+    """ONNX Runtime's own MatMulNBitsQuantizer, on exactly the MatMuls in `targets`.
+
+    It takes float16 weights as they are (its C++ kernel quantizes them in float32 and writes float16
+    scales; symmetric: the same q and scales as quantizing the widened weight, checked); the scales
+    are still cast to `dtype` here should another ONNX Runtime write them otherwise.
+    """
+    from onnx import numpy_helper
+
     names = {t.node.name for t in targets}
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names]
     with ort_quantizer() as ortq:
@@ -195,17 +217,28 @@ def _requantize_matmuls(model, targets: list[_Target], bits: int, block_size: in
                                               accuracy_level=accuracy_level or None, nodes_to_exclude=others,
                                               op_types_to_quantize=("MatMul",))
         quantizer.process()
-    return quantizer.model.model
+    model = quantizer.model.model
+    floats = {t.weight + "_scales" for t in targets} | {t.weight + "_zero_points" for t in targets}
+    for i, tensor in enumerate(model.graph.initializer):
+        if tensor.name in floats and tensor.data_type in (1, 10, 16):  # float, float16, bfloat16
+            array = numpy_helper.to_array(tensor)
+            if array.dtype != np.dtype(dtype):
+                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(array.astype(dtype), tensor.name))
+    return model
 
 
-def _build(model, targets: list[_Target], *, block_size: int, symmetric: bool, accuracy_level: int):
-    """Rewrite `model` in place: every target becomes its quantized form; unused fp32 weights go."""
+def _build(model, targets: list[_Target], *, block_size: int, symmetric: bool, accuracy_level: int,
+           dtype=np.float32):
+    """Rewrite `model` in place: every target becomes its quantized form; unused float weights go.
+
+    `dtype`: the graph's float type (float32 or float16), that of the scales and offsets written.
+    """
     by_bits: dict[int, list[_Target]] = {}
     for t in targets:
         if t.kind == "linear" and t.block is None:
             by_bits.setdefault(t.bits, []).append(t)
     for bits, group in by_bits.items():
-        model = _requantize_matmuls(model, group, bits, block_size, symmetric, accuracy_level)
+        model = _requantize_matmuls(model, group, bits, block_size, symmetric, accuracy_level, dtype)
     shared: dict = {}
     replaced: dict[str, list] = {}
     for t in sorted(targets, key=lambda t: t.kind != "lm_head"):  # lm_head first: the embedding reuses it
@@ -215,7 +248,7 @@ def _build(model, targets: list[_Target], *, block_size: int, symmetric: bool, a
         if bw is None:  # a Gather cannot apply Q4_1 offsets: it gets its own tensor then
             usable = prior is not None and (t.kind != "embedding" or prior.offset is None)
             bw = prior if usable else quantize_rows(t.dense, t.bits, block_size=block_size, symmetric=symmetric)
-        replaced[t.node.name] = replacement_nodes(model, t.kind, t.node, t.weight, bw, accuracy_level, shared)
+        replaced[t.node.name] = replacement_nodes(model, t.kind, t.node, t.weight, bw, accuracy_level, shared, dtype)
     nodes = []
     for node in model.graph.node:
         nodes.extend(replaced.get(node.name, [node]))
@@ -275,8 +308,27 @@ class _Commit:
                     backup.unlink()
 
 
-def _meets(scheme: Scheme, report: QualityReport, ratio: float) -> bool:
-    return ratio <= scheme.max_size_ratio and report.perplexity_change <= scheme.max_ppl_increase \
+def _base(root: Path, manifest) -> tuple[str, str]:
+    """(name, dtype) of the variant to quantize from: fp32, else fp16; its dtype says its float type."""
+    name = base_variant(manifest)
+    if name is None:
+        raise QuantizeError(f"{root} has no fp32 or fp16 variant to quantize from; re-export it "
+                            "(onnxllm export SOURCE -o OUT, with --dtype float16 for CUDA)")
+    dtype = manifest.variants[name].dtype
+    if dtype not in _FLOAT_TYPES:
+        raise QuantizeError(f"the {name} variant of {root} has dtype {dtype!r}; quantize reads float32 or float16")
+    return name, dtype
+
+
+def _size_target(scheme: Scheme, dtype: str) -> float:
+    """The scheme's size target as a share of a `dtype` base: its targets are shares of an fp32 model,
+    and an fp16 model is half of that (every weight and table at 2 bytes, not 4)."""
+    return round(scheme.max_size_ratio * 4 / np.dtype(_FLOAT_TYPES[dtype][1]).itemsize, 4)
+
+
+def _meets(scheme: Scheme, report: QualityReport, ratio: float, max_size_ratio: float | None = None) -> bool:
+    limit = scheme.max_size_ratio if max_size_ratio is None else max_size_ratio
+    return ratio <= limit and report.perplexity_change <= scheme.max_ppl_increase \
         and report.top1_agreement >= scheme.min_top1
 
 
@@ -287,12 +339,15 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
              eval_tokens: int = 128) -> QuantizeResult:
     """Add the `scheme` variant ("int8" or "int4") to a package and record how it was made.
 
-    `exclude`: node names or fnmatch patterns (e.g. "/model/layers.0/*") kept in fp32.
+    The base is the fp32 variant, else the fp16 one: the new variant has the base's dtype (float16
+    activations, KV cache and scales for an fp16 base) and is measured against it.
+    `exclude`: node names or fnmatch patterns (e.g. "/model/layers.0/*") kept unquantized.
     `from_gguf`: "auto" imports GGUF Q4_0/Q4_1/Q8_0 blocks exactly when the package came from a GGUF
-    that is still here; True requires it; False always re-quantizes the fp32 weights.
-    `lm_head_bits` / `embed_bits`: 8, 4 or 0 (fp32); None takes the scheme's (measured) choice.
-    With `evaluate`, compares the variant with fp32 on `eval_tokens` tokens of Hamlet, makes it the
-    CPU default when it meets the scheme's targets, and warns when it is far from fp32.
+    that is still here; True requires it; False always re-quantizes the base's weights.
+    `lm_head_bits` / `embed_bits`: 8, 4 or 0 (unquantized); None takes the scheme's (measured) choice.
+    With `evaluate`, compares the variant with the base on `eval_tokens` tokens of Hamlet, makes it
+    the default when it meets the scheme's targets (for cpu from fp32; for cuda and dml from fp16, a
+    float16 graph being slow on CPU), and warns when it is far from the base.
     """
     import onnx
 
@@ -308,16 +363,16 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
     head_bits = spec.lm_head_bits if lm_head_bits is None else lm_head_bits
     emb_bits = spec.embed_bits if embed_bits is None else embed_bits
     if head_bits not in (0, 4, 8) or emb_bits not in (0, 4, 8):
-        raise QuantizeError("lm_head_bits and embed_bits must be 8, 4 or 0 (fp32)")
+        raise QuantizeError("lm_head_bits and embed_bits must be 8, 4 or 0 (unquantized)")
     root = Path(package_dir)
     manifest = read_manifest(root)
-    if "fp32" not in manifest.variants:
-        raise QuantizeError(f"{root} has no fp32 variant to quantize from; re-export it with dtype float32")
+    base, dtype = _base(root, manifest)
+    elem_type, np_dtype = _FLOAT_TYPES[dtype]
     final = safe_path(root, spec.file)
     if not force and (scheme in manifest.variants or final.exists()):
         raise QuantizeError(f"{root} already has the {scheme} variant ({spec.file}); pass --force (force=True) "
                             "to rebuild it")
-    fp32_path = safe_path(root, manifest.variants["fp32"].file)
+    base_path = safe_path(root, manifest.variants[base].file)
     exclude = tuple(exclude)
     notes: list[str] = []
 
@@ -331,21 +386,22 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
         else:
             gguf_record = {"used": False, "reason": why}
 
-    say(f"loading {fp32_path.name}")
-    model = onnx.load(str(fp32_path))
-    targets, excluded = _find_targets(model, spec, exclude, head_bits, emb_bits, block_size)
+    say(f"loading {base_path.name}")
+    model = onnx.load(str(base_path))
+    targets, excluded = _find_targets(model, spec, exclude, head_bits, emb_bits, block_size, elem_type)
     if not targets:
         raise QuantizeError("nothing to quantize: every weight is excluded or not a MatMul/Gemm/Gather weight")
     if blocks is not None:
         say(f"importing GGUF blocks from {blocks.path.name}")
-        gguf_record = {"used": True, **_import_gguf(targets, blocks, block_size)}
+        gguf_record = {"used": True, **_import_gguf(targets, blocks, block_size, np_dtype, base)}
         if from_gguf is True and gguf_record["requantized"]:
             reason, where = next(iter(gguf_record["requantized_because"].items()))
             raise QuantizeError(f"cannot import every weight from the GGUF exactly: {where['first']}: {reason}")
     lossless = blocks is not None and all(t.block is not None for t in targets)
 
     say(f"quantizing {len(targets)} weights to {scheme}")
-    model = _build(model, targets, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level)
+    model = _build(model, targets, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
+                   dtype=np_dtype)
     final.parent.mkdir(parents=True, exist_ok=True)
     commit = _Commit(root)
     # The temp folder lives beside the final file (same filesystem: the renames are atomic).
@@ -355,19 +411,19 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
         _save(model, staged)
         del model
         nbytes = _onnx_bytes(staged)
-        ratio = nbytes / manifest.variants["fp32"].bytes
+        ratio = nbytes / manifest.variants[base].bytes
         report, meets = None, None
         if not evaluate:  # at least prove ONNX Runtime accepts it before it joins the package
             say("checking that ONNX Runtime loads it")
             DecoderRunner(staged, manifest)
         else:
-            say(f"evaluating against fp32 on {eval_tokens} tokens of Hamlet")
+            say(f"evaluating against {base} on {eval_tokens} tokens of Hamlet")
             ids = tokenize(root, manifest, hamlet_text(), eval_tokens)
-            report = compare(DecoderRunner(staged, manifest), DecoderRunner(fp32_path, manifest), ids,
-                             variant_name=scheme, reference_name="fp32", text_label="hamlet")
-            meets = _meets(spec, report, ratio)
+            report = compare(DecoderRunner(staged, manifest), DecoderRunner(base_path, manifest), ids,
+                             variant_name=scheme, reference_name=base, text_label="hamlet")
+            meets = _meets(spec, report, ratio, _size_target(spec, dtype))
             if report.top1_agreement < WARN_TOP1:
-                notes.append(f"WARNING: the {scheme} variant is far from fp32: top-1 agreement "
+                notes.append(f"WARNING: the {scheme} variant is far from {base}: top-1 agreement "
                              f"{report.top1_agreement:.1%} (< {WARN_TOP1:.0%}), perplexity "
                              f"{report.perplexity_change:+.1%}; consider int8, or exclude layers")
             elif not meets:
@@ -376,19 +432,21 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
                              "it was not made the default")
         kept8 = [t.node.name for t in targets if t.bits == 8 and scheme != "int8"]
         kinds = {t.kind for t in targets}
+        plain = "fp32" if dtype == "float32" else "fp16"
         method = {
             "quantizer": "onnxruntime.quantization MatMulNBitsQuantizer (DefaultWeightOnlyQuantConfig)",
             "operator": f"{MS_DOMAIN}.MatMulNBits", "bits": spec.bits, "block_size": block_size,
             "symmetric": symmetric, "accuracy_level": accuracy_level,
+            "base": base, "dtype": dtype, "scales_dtype": dtype,
             "lm_head": {"bits": head_bits if "lm_head" in kinds else 0,
-                        "operator": "MatMulNBits" if "lm_head" in kinds else "Gemm (fp32)"},
+                        "operator": "MatMulNBits" if "lm_head" in kinds else f"Gemm ({plain})"},
             "embedding": {"bits": emb_bits if "embedding" in kinds else 0,
-                          "operator": "GatherBlockQuantized" if "embedding" in kinds else "Gather (fp32)",
+                          "operator": "GatherBlockQuantized" if "embedding" in kinds else f"Gather ({plain})",
                           "shared_with_lm_head": _tied(targets) and head_bits == emb_bits},
             "exclude": list(exclude), "excluded": excluded, "kept_8bit": kept8,
             "lossless": lossless, "gguf": gguf_record,
             "quality": report.to_dict() if report else None,
-            "targets": {"max_size_ratio": spec.max_size_ratio, "max_ppl_increase": spec.max_ppl_increase,
+            "targets": {"max_size_ratio": _size_target(spec, dtype), "max_ppl_increase": spec.max_ppl_increase,
                         "min_top1": spec.min_top1},
             # Exact weights: what still moves top-1 is accuracy_level 4 (activations rounded to int8).
             "lossless_check": None if not (lossless and report) else {
@@ -403,14 +461,14 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
         if report is not None:
             save_quality(root, report)
         method["seconds"] = round(time.perf_counter() - started, 1)
-        default_for = ("cpu",) if meets else ()
-        variant = Variant(file=spec.file, scheme=scheme, dtype="float32", bytes=nbytes, method=method)
+        default_for = _DEFAULT_DEVICES[dtype] if meets else ()
+        variant = Variant(file=spec.file, scheme=scheme, dtype=dtype, bytes=nbytes, method=method)
         updated = manifest.with_variant(scheme, variant, default_for=default_for)
         # A rebuilt variant that is no longer known to meet its targets stops being anyone's default.
         demoted = tuple(dev for dev, name in updated.default_variant.items() if name == scheme and not meets)
         if demoted:
-            updated = updated.with_variant("fp32", manifest.variants["fp32"], default_for=demoted)
-            notes.append(f"{', '.join(demoted)} default{'s' if len(demoted) > 1 else ''} back to fp32")
+            updated = updated.with_variant(base, manifest.variants[base], default_for=demoted)
+            notes.append(f"{', '.join(demoted)} default{'s' if len(demoted) > 1 else ''} back to {base}")
         write_manifest(root, updated)
     except BaseException:
         commit.rollback()
@@ -421,9 +479,10 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
     for note in notes:
         say(note)
         warnings.warn(note, stacklevel=2)
-    say(f"{scheme}: {nbytes / 2**20:.1f} MiB ({ratio:.1%} of fp32)" + (" - default for cpu" if meets else ""))
+    say(f"{scheme}: {nbytes / 2**20:.1f} MiB ({ratio:.1%} of {base})"
+        + (f" - default for {', '.join(default_for)}" if default_for else ""))
     return QuantizeResult(scheme, final, nbytes, ratio, method, report, meets, default_for, notes,
-                          round(time.perf_counter() - started, 1))
+                          round(time.perf_counter() - started, 1), base)
 
 
 def _tied(targets: list[_Target]) -> bool:

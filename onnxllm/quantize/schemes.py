@@ -4,7 +4,7 @@ Weights are stored in the layout of com.microsoft MatMulNBits: for a weight W of
 (output features, input features) quantized in blocks of `block_size` along K,
 
     packed (N, K / block, block * bits / 8) uint8   element 2i in the low nibble, 2i+1 in the high (4 bits)
-    scales (N, K / block) float32
+    scales (N, K / block) float32 here; written in the graph's float type (MatMulNBits wants A's type)
     zero_points None (the operator's default 2^(bits-1): "symmetric"), or packed uint8
 
     W[n, k] = (q[n, k] - zero_point[n, k // block]) * scale[n, k // block]  (+ offset[n, k // block], see below)
@@ -16,6 +16,10 @@ A GGUF Q4_1 block (w = d*q + m) becomes MatMulNBits with scale d and the default
 per-block `offset` m + 8d, applied as block_sums(x) @ offset^T next to the MatMulNBits (see
 quantize.py): MatMulNBits accepts float zero points (-m/d), but its CPU kernel is ~140x slower with
 them (7.3 ms vs 0.05 ms for 576x3072 at M=1, measured), so the offset form is the fast exact one.
+
+A float16 graph (the fp16 variant, for CUDA) gets the same weights: quantized in float32, then its
+scales, float zero points and Q4_1 offsets written as float16, since MatMulNBits requires scales of
+its input's type and GatherBlockQuantized outputs its scales' type.
 """
 
 from __future__ import annotations
@@ -161,35 +165,39 @@ def quantize_rows(w: np.ndarray, bits: int, *, block_size: int = BLOCK, symmetri
     return BlockWeight(bits, packed, scales, None if symmetric else zero_points, block_size=block_size, k=w.shape[1])
 
 
-def _block_sum(model, k: int, block: int) -> str:
-    """A shared (K, K/block) 0/1 matrix: x @ it sums x over each block (for the Q4_1 offsets)."""
+def _block_sum(model, k: int, block: int, dtype=np.float32) -> str:
+    """A shared (K, K/block) 0/1 matrix of the graph's float type: x @ it sums x over each block (Q4_1)."""
     from onnx import numpy_helper
 
-    name = f"/quantize/block_sum_{k}x{block}"
+    dtype = np.dtype(dtype)
+    name = f"/quantize/block_sum_{k}x{block}" + ("" if dtype == np.float32 else f"_{dtype.name}")
     if not any(t.name == name for t in model.graph.initializer):
-        p = np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32))
+        p = np.kron(np.eye(k // block, dtype=dtype), np.ones((block, 1), dtype))  # 0 and 1: exact in float16
         model.graph.initializer.append(numpy_helper.from_array(p, name))
     return name
 
 
 def replacement_nodes(model, kind: str, node, weight: str, bw: BlockWeight, accuracy_level: int,
-                      shared: dict) -> list:
+                      shared: dict, dtype=np.float32) -> list:
     """The nodes that replace `node` (kind: linear | lm_head | embedding) by its quantized form `bw`.
 
-    Adds bw's initializers to `model`, or reuses them through `shared` (keyed by fp32 weight and bits)
-    when a tied lm_head already added them.
+    Adds bw's initializers to `model`, or reuses them through `shared` (keyed by the original weight
+    and bits) when a tied lm_head already added them. `dtype` is the graph's float type (float32 or
+    float16): scales, float zero points and offsets are written in it.
     """
     from onnx import helper, numpy_helper
 
+    dtype = np.dtype(dtype)
     n, k = bw.shape
     base, key = weight + f"_Q{bw.bits}", (weight, bw.bits)
     if shared.get(key, bw) is not bw:  # same fp32 weight, different quantized form (quantize._build)
         base, key = base + f"_{kind}", (weight + kind, bw.bits)
     if key not in shared:  # one packed tensor serves both the lm_head and a tied embedding
         model.graph.initializer.extend([numpy_helper.from_array(bw.packed, base),
-                                        numpy_helper.from_array(bw.scales, base + "_scales")])
-        if bw.zero_points is not None:
-            model.graph.initializer.append(numpy_helper.from_array(bw.zero_points, base + "_zero_points"))
+                                        numpy_helper.from_array(bw.scales.astype(dtype), base + "_scales")])
+        if bw.zero_points is not None:  # packed uint8, or float zero points (then of the scales' type)
+            zp = bw.zero_points if bw.zero_points.dtype == np.uint8 else bw.zero_points.astype(dtype)
+            model.graph.initializer.append(numpy_helper.from_array(zp, base + "_zero_points"))
         shared[key] = bw
     x, out, name = node.input[1 if kind == "embedding" else 0], node.output[0], node.name
     if kind == "embedding":
@@ -215,18 +223,21 @@ def replacement_nodes(model, kind: str, node, weight: str, bw: BlockWeight, accu
     if bw.offset is None:
         return [helper.make_node("MatMulNBits", inputs, [out], name=name + f"_Q{bw.bits}", domain=MS_DOMAIN, **attrs)]
     # Q4_1: y = MatMulNBits(x) + block_sums(x) @ offset^T. The offsets (m + 8d) are sums of two f16
-    # values and almost always exact in f16: stored f16 (2 bytes/block, not 4) when every one is.
+    # values and almost always exact in f16: stored f16 (2 bytes/block, not 4) when every one is. A
+    # float16 graph computes in f16 anyway: its offsets are stored f16 (rounded, in the rare inexact case).
     offset_t = np.ascontiguousarray(bw.offset.T)
     half = offset_t.astype(np.float16)
     exact = bool(np.array_equal(half.astype(np.float32), offset_t))
-    model.graph.initializer.append(numpy_helper.from_array(half if exact else offset_t, base + "_offset"))
+    stored = half if exact or dtype == np.float16 else offset_t
+    model.graph.initializer.append(numpy_helper.from_array(stored, base + "_offset"))
     nodes = [helper.make_node("MatMulNBits", inputs, [name + "/nbits"], name=name + f"_Q{bw.bits}", domain=MS_DOMAIN,
                               **attrs),
-             helper.make_node("MatMul", [x, _block_sum(model, k, bw.block_size)], [name + "/block_sums"],
+             helper.make_node("MatMul", [x, _block_sum(model, k, bw.block_size, dtype)], [name + "/block_sums"],
                               name=name + "/BlockSum")]
     offset = base + "_offset"
-    if exact:
-        nodes.append(helper.make_node("Cast", [offset], [name + "/offset"], name=name + "/OffsetCast", to=1))
+    if stored.dtype != dtype:
+        nodes.append(helper.make_node("Cast", [offset], [name + "/offset"], name=name + "/OffsetCast",
+                                      to=helper.np_dtype_to_tensor_dtype(dtype)))
         offset = name + "/offset"
     nodes += [helper.make_node("MatMul", [name + "/block_sums", offset], [name + "/offsets"], name=name + "/Offset"),
               helper.make_node("Add", [name + "/nbits", name + "/offsets"], [out], name=name + "/Add")]
