@@ -310,8 +310,11 @@ def eval_cmd(package, variant, text_file, tokens):
             except UnicodeDecodeError as exc:
                 raise OnnxLLMError(f"{text_file} is not UTF-8 text (byte {exc.start})") from None
     from .package import read_manifest
+    from .quantize.quality import base_variant
 
-    names = [variant] if variant else [v for v in read_manifest(package).variants if v != "fp32"] or ["fp32"]
+    manifest = read_manifest(package)
+    base = base_variant(manifest)
+    names = [variant] if variant else [v for v in manifest.variants if v != base] or [base or next(iter(manifest.variants))]
     for name in names:
         click.echo(format_report(evaluate(package, name, text=text, max_tokens=tokens)))
 

@@ -150,3 +150,31 @@ def test_ctrl_c_during_generation_keeps_output(smollm2_package):
     child.close()
     assert child.exitstatus == 130 or child.signalstatus is None and child.exitstatus == 130
     assert "interrupted" in child.before and "Traceback" not in child.before
+
+
+@pytest.mark.real
+def test_catalog_name_pulls_on_first_run(tmp_path):
+    """`onnxllm run smollm2-135m-instruct` (make demo): exports and quantizes into the cache, then answers."""
+    env = {"ONNXLLM_CACHE": str(tmp_path / "cache")}
+    first = cli("run", "smollm2-135m-instruct", "What is the capital of France? Answer in one sentence.", "--max-tokens", "20",
+                env=env, timeout=900)
+    assert first.returncode == 0, first.stderr
+    assert "Paris" in first.stdout
+    assert "loading" in first.stderr and "int8" in first.stderr  # progress was shown
+    package = tmp_path / "cache" / "smollm2-135m-instruct"
+    manifest = json.loads((package / "onnxllm.json").read_text())
+    assert manifest["default_variant"]["cpu"] == "int8" and (package / "quality.json").is_file()
+    second = cli("run", "smollm2-135m-instruct", "What is the capital of France?", "--max-tokens", "20",
+                 "--json", env=env)
+    assert json.loads(second.stdout)["variant"] == "int8"
+    assert "loading" not in second.stderr  # no second export
+    info = cli("info", "smollm2-135m-instruct", env=env)
+    assert "int8" in info.stdout and "perplexity" in info.stdout
+
+
+def test_eval_command(tiny_llama, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the theory of the thing in the house " * 20)
+    proc = cli("eval", tiny_llama, "--text", text, "--tokens", "64")
+    assert proc.returncode == 0, proc.stderr
+    assert "perplexity" in proc.stdout

@@ -80,7 +80,7 @@ def format_info(info: dict) -> str:
         if isinstance(q, dict) and "perplexity" in q:
             parts = [f"perplexity {q['perplexity']:.3f}"]
             if q.get("top1_agreement") is not None:
-                parts.append(f"top-1 vs fp32 {100 * q['top1_agreement']:.1f}%")
+                parts.append(f"top-1 vs {q.get('reference', 'fp32')} {100 * q['top1_agreement']:.1f}%")
             if q.get("kl_divergence") is not None:
                 parts.append(f"KL {q['kl_divergence']:.4f}")
             lines.append("         " + ", ".join(parts))
