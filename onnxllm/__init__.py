@@ -3,8 +3,12 @@
 __version__ = "0.1.0"
 
 from .api import export, generate, load, pull, quantize, stream  # noqa: E402
-from .errors import OnnxLLMError  # noqa: E402
+from .errors import (ContextOverflowError, DeviceError, ExportError, GenerationError,  # noqa: E402
+                     InvalidPackageError, ModelNotFoundError, OfflineError, OnnxLLMError, QuantizeError,
+                     UnsupportedModelError)
 from .runtime.generate import Chunk, GenerationConfig, GenerationResult  # noqa: E402
 
 __all__ = ["load", "export", "quantize", "generate", "stream", "pull", "GenerationConfig", "GenerationResult",
-           "Chunk", "OnnxLLMError", "__version__"]
+           "Chunk", "OnnxLLMError", "ContextOverflowError", "DeviceError", "ExportError", "GenerationError",
+           "InvalidPackageError", "ModelNotFoundError", "OfflineError", "QuantizeError", "UnsupportedModelError",
+           "__version__"]

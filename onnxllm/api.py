@@ -37,6 +37,8 @@ def _require_exporter(what: str) -> None:
 
 def pull(name: str, *, progress: Progress | None = None) -> Path:
     """The cached package of a catalog model, exporting and quantizing it on first use (like `ollama pull`)."""
+    if not is_catalog_name(name):
+        raise ModelNotFoundError(f"{name!r} is not in the catalog; known: {', '.join(CATALOG)}")
     entry = CATALOG[name.lower()]
     target = cache_dir() / entry.name
     if (target / "onnxllm.json").is_file():

@@ -16,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import GenerationError
+
 
 @dataclass(frozen=True)
 class BenchOptions:
@@ -76,6 +78,10 @@ def run_bench(model: str, options: BenchOptions = BenchOptions(), *, progress: C
     start = time.perf_counter()
     m = load(model, device=options.device, variant=options.variant, threads=options.threads, progress=progress)
     load_s = time.perf_counter() - start
+    longest = max(options.prompt_tokens) + options.gen_tokens
+    if longest > m.session.context:
+        raise GenerationError(f"prompt {max(options.prompt_tokens)} + {options.gen_tokens} new tokens exceed the "
+                              f"context of {m.session.context}; use shorter --prompt-tokens or --gen-tokens")
     rng = np.random.default_rng(options.seed)
     vocab = m.manifest.architecture.vocab_size
     rows = []

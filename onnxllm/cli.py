@@ -185,10 +185,9 @@ def _interactive(model, options: dict, system: str | None, verbose: bool) -> Non
             continue
         if not text.strip():
             continue
-        cancel = threading.Event()
-        last = None
+            last = None
         try:
-            for chunk in chat.send(text, cancel=cancel, **options):
+            for chunk in chat.send(text, **options):
                 click.echo(chunk.text, nl=False)
                 last = chunk
         except KeyboardInterrupt:
@@ -227,8 +226,8 @@ def generation_options(fn):
 @click.option("--system", help="System prompt (chat mode).")
 @click.option("--chat/--raw", "chat_mode", default=None, help="Apply the chat template (default: when the model has one).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "dml"]), default="auto", show_default=True)
-@click.option("--threads", type=int, help="CPU threads (default: all cores).")
-@click.option("--context", type=int, help="Context length to allow (default: the model's).")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all cores).")
+@click.option("--context", type=click.IntRange(1), help="Context length to allow (default: the model's).")
 @click.option("--variant", help="Package variant (fp32, int8, int4...; default: best for the device).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON result.")
 @click.option("-v", "--verbose", is_flag=True, help="Print prefill/decode speed and time to first token.")
@@ -296,7 +295,7 @@ def info(model, as_json):
 @click.argument("package", type=click.Path())
 @click.option("--variant", help="Variant to evaluate (default: every quantized one).")
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), help="UTF-8 text (default: Hamlet).")
-@click.option("--tokens", default=256, show_default=True, help="Tokens of text to score.")
+@click.option("--tokens", type=click.IntRange(2), default=256, show_default=True, help="Tokens of text to score.")
 @handle_errors
 def eval_cmd(package, variant, text_file, tokens):
     """Perplexity, and KL / top-1 / greedy agreement against fp32."""
@@ -323,9 +322,9 @@ def eval_cmd(package, variant, text_file, tokens):
 @click.argument("model")
 @click.option("--variant")
 @click.option("--prompt-tokens", default="64,512", show_default=True, help="Comma-separated prompt lengths.")
-@click.option("--gen-tokens", default=128, show_default=True)
-@click.option("--runs", default=3, show_default=True)
-@click.option("--threads", type=int)
+@click.option("--gen-tokens", type=click.IntRange(2), default=128, show_default=True)
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--threads", type=click.IntRange(1))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "dml"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
@@ -333,7 +332,12 @@ def bench(model, variant, prompt_tokens, gen_tokens, runs, threads, device, as_j
     """Prefill and decode tokens/s, time to first token, load time, peak memory."""
     from .bench import BenchOptions, format_bench, run_bench
 
-    lengths = tuple(int(x) for x in prompt_tokens.split(",") if x.strip())
+    try:
+        lengths = tuple(int(x) for x in prompt_tokens.split(",") if x.strip())
+    except ValueError:
+        raise OnnxLLMError(f"--prompt-tokens takes comma-separated integers like 64,512, got {prompt_tokens!r}") from None
+    if not lengths or min(lengths) < 1:
+        raise OnnxLLMError(f"--prompt-tokens must list lengths >= 1, got {prompt_tokens!r}")
     result = run_bench(model, BenchOptions(variant=variant, prompt_tokens=lengths, gen_tokens=gen_tokens, runs=runs,
                                            threads=threads, device=device), progress=_progress)
     click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))

@@ -141,26 +141,10 @@ def check_export_extra(find_spec: Callable[[str], object | None]) -> list[Doctor
     return lines
 
 
-def physical_cores(cpuinfo: str) -> int | None:
-    """Distinct (physical id, core id) pairs in /proc/cpuinfo text; None when it has none."""
-    cores, package = set(), "0"
-    for line in cpuinfo.splitlines():
-        key, _, value = (part.strip() for part in line.partition(":"))
-        if key == "physical id":
-            package = value
-        elif key == "core id":
-            cores.add((package, value))
-    return len(cores) or None
-
-
 def _default_threads() -> str:
-    # onnxruntime's default intra-op pool has one thread per physical core.
-    try:
-        cores = physical_cores(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"))
-    except OSError:
-        cores = None
-    where = f"{cores} here" if cores else "count unknown on this platform"
-    return f"onnxruntime default: one per physical core ({where}); change with --threads N"
+    from .runtime.providers import default_threads
+
+    return f"{default_threads()} (every core this process may use); change with --threads N"
 
 
 def check_settings(environ: Mapping[str, str]) -> list[DoctorLine]:

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -125,7 +125,7 @@ def _build(cls, data: Any, where: str):
         raise InvalidPackageError(f"manifest {where}: expected an object, got {type(data).__name__}")
     kwargs = {}
     for name, f in cls.__dataclass_fields__.items():
-        required = f.default is f.default_factory is __import__("dataclasses").MISSING
+        required = f.default is f.default_factory is MISSING
         if name in data:
             kwargs[name] = data[name]
         elif required:
@@ -253,11 +253,17 @@ def staging_dir(final: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
     """Yield a temp folder beside `final`; rename it to `final` only when the block succeeds.
 
     On any error (or Ctrl-C) the temp folder is removed and whatever was at `final` is untouched.
-    With `force`, an existing `final` is replaced only after the new package is complete.
+    With `force`, an existing package (or an empty folder) is replaced only after the new one is
+    complete; any other existing folder is refused, so a typo in -o never deletes a user's files.
     """
     final = Path(final).absolute()
-    if final.exists() and not force:
-        raise InvalidPackageError(f"{final} already exists; pass --force (force=True) to overwrite it")
+    if final.exists():
+        if not force:
+            raise InvalidPackageError(f"{final} already exists; pass --force (force=True) to overwrite it")
+        if not final.is_dir() or not ((final / MANIFEST).is_file() or not any(final.iterdir())):
+            raise InvalidPackageError(
+                f"{final} exists and is not an onnxllm package; --force only replaces a package: choose another folder"
+            )
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
@@ -269,7 +275,11 @@ def staging_dir(final: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)  # put the previous package back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)

@@ -176,3 +176,24 @@ def test_eval_command(tiny_llama, tmp_path):
     proc = cli("eval", tiny_llama, "--text", text, "--tokens", "64")
     assert proc.returncode == 0, proc.stderr
     assert "perplexity" in proc.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "TINY", "hi", "--context", "-5"], "--context"),
+    (["run", "TINY", "hi", "--threads", "0"], "--threads"),
+    (["bench", "TINY", "--prompt-tokens", "abc"], "comma-separated"),
+    (["bench", "TINY", "--prompt-tokens", "0"], ">= 1"),
+    (["bench", "TINY", "--runs", "0"], "--runs"),
+    (["bench", "TINY", "--prompt-tokens", "250"], "exceed the context"),
+])
+def test_bad_numbers_are_clear_errors(tiny_llama, args, needle):
+    proc = cli(*[str(tiny_llama) if a == "TINY" else a for a in args])
+    assert proc.returncode in (1, 2), proc.stderr  # 2: click's own usage errors
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_caps_tokens_at_the_context(tiny_llama, tmp_path):
+    text = tmp_path / "long.txt"
+    text.write_text("the theory of everything " * 400)
+    proc = cli("eval", tiny_llama, "--text", text, "--tokens", "1000")
+    assert proc.returncode == 0, proc.stderr

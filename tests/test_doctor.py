@@ -10,7 +10,6 @@ from onnxllm.doctor import (
     check_cuda_libraries,
     check_packages,
     format_report,
-    physical_cores,
     run_doctor,
 )
 from onnxllm.runtime.providers import CPU, CUDA, CudaLibrary
@@ -112,12 +111,10 @@ def test_cache_dir(tmp_path):
     assert cache_dir({}) == Path.home() / ".cache" / "onnxllm"
 
 
-def test_physical_cores():
-    text = "physical id\t: 0\ncore id\t: 0\n\nphysical id\t: 0\ncore id\t: 0\n\n" \
-           "physical id\t: 0\ncore id\t: 1\n\nphysical id\t: 1\ncore id\t: 0\n"
-    assert physical_cores(text) == 3
-    assert physical_cores("processor : 0\n") is None
+def test_threads_line_matches_sessions():
+    from onnxllm.runtime.providers import default_threads
 
+    assert str(default_threads()) in format_report(run_doctor())
 
 def test_format_report_shape():
     text = format_report([DoctorLine("a", "1"), DoctorLine("long label", "bad", "fail", "do x")])

@@ -216,3 +216,24 @@ def test_smollm2_export_verified_and_greedy(smollm2_package, reference):
         else:
             assert result.token_ids == expected
         assert result.text == case["text"].replace("<|im_end|>", "")
+
+
+def test_force_never_replaces_a_folder_that_is_not_a_package(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path, "llama")
+    docs = tmp_path / "mydocs"
+    docs.mkdir()
+    (docs / "thesis.txt").write_text("years of work")
+    with pytest.raises(InvalidPackageError, match="not an onnxllm package"):
+        export(ckpt, docs, options=ExportOptions(force=True, verify=False))
+    assert (docs / "thesis.txt").read_text() == "years of work"
+    with pytest.raises(InvalidPackageError, match="not an onnxllm package"):
+        export(ckpt, ckpt, options=ExportOptions(force=True, verify=False))  # -o pointing at the source
+    assert (ckpt / "config.json").is_file()
+
+
+def test_corrupt_safetensors_is_a_clear_error(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path, "llama")
+    (ckpt / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ExportError, match="cannot load"):
+        export(ckpt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

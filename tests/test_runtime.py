@@ -195,6 +195,24 @@ def test_break_out_of_stream_leaves_model_ready(tiny_llama):
     assert m.generate("the", max_tokens=5).token_ids == onnxllm.load(tiny_llama).generate("the", max_tokens=5).token_ids
 
 
+def test_abandoned_stream_does_not_block_or_corrupt(tiny_llama):
+    """`for c in s: break` with `s` still referenced: the next call runs, the old stream is retired."""
+    m = onnxllm.load(tiny_llama)
+    expected = onnxllm.load(tiny_llama).generate("the", max_tokens=6).token_ids
+    old = m.stream("in the house", max_tokens=50)
+    for _ in old:
+        break
+    assert m.generate("the", max_tokens=6).token_ids == expected  # same thread: no deadlock
+    rest = list(old)  # resuming the old stream does not touch the session again
+    assert rest[-1].finish_reason == "cancelled"
+    assert m.generate("the", max_tokens=6).token_ids == expected
+    nested = []
+    for chunk in m.stream("the", max_tokens=3):
+        nested.append(m.generate("the", max_tokens=6).token_ids)  # a call inside a stream's loop
+        break
+    assert nested == [expected]
+
+
 def test_cancel_from_another_thread(tiny_llama):
     m = onnxllm.load(tiny_llama)
     cancel = threading.Event()

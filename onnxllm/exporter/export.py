@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from ..errors import ExportError, InvalidPackageError
+from ..errors import ExportError, InvalidPackageError, OnnxLLMError
 from ..package import (FORMAT_VERSION, Architecture, KVCacheSpec, Manifest, Variant, sha256_file,
                        staging_dir, write_manifest, write_text_atomic)
 from .architectures import DecoderWeights, extract_weights
@@ -180,12 +180,22 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
     out_dir = Path(out_dir)
     if out_dir.exists() and not options.force:
         raise InvalidPackageError(f"{out_dir} already exists; pass --force (force=True) to overwrite it")
+    if out_dir.exists() and out_dir.is_dir() and not (out_dir / "onnxllm.json").is_file() and any(out_dir.iterdir()):
+        raise InvalidPackageError(
+            f"{out_dir} exists and is not an onnxllm package; --force only replaces a package: choose another folder"
+        )
     if options.dtype not in ("float32", "float16"):
         raise ExportError(f"dtype {options.dtype!r} is not supported; use float32 or float16")
     timings: dict = {}
     src = resolve_source(source, allow_pickle=options.allow_pickle)
     with _step(progress, "loading", timings):
-        loaded = _load_gguf(src) if src.kind == "gguf" else _load_hf(src, options)
+        try:
+            loaded = _load_gguf(src) if src.kind == "gguf" else _load_hf(src, options)
+        except (OnnxLLMError, KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:  # safetensors/gguf/transformers raise many unrelated types on bad files
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ExportError(f"cannot load {src.path}: {type(exc).__name__}: {first}") from None
         model = loaded.model.eval()
     with _step(progress, "building graph", timings):
         weights = extract_weights(model)

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..catalog import is_catalog_name, resolve_catalog
+from ..catalog import CATALOG, is_catalog_name, resolve_catalog
 from ..errors import InvalidPackageError, ModelNotFoundError, OfflineError, UnsupportedModelError
 from .architectures import check_supported
 
@@ -40,7 +40,7 @@ def _check_hf_folder(folder: Path, *, allow_pickle: bool) -> None:
     if not config.is_file():
         raise ModelNotFoundError(
             f"{folder} has no config.json, so it is not a Hugging Face checkpoint; "
-            "point at a checkpoint folder, a .gguf file, or a catalog name (onnxllm export --list)"
+            f"point at a checkpoint folder, a .gguf file, or a catalog name ({', '.join(CATALOG)})"
         )
     try:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
@@ -122,5 +122,5 @@ def resolve_source(source: str | os.PathLike, *, allow_pickle: bool = False) -> 
         return Source("hf", folder, text)
     raise ModelNotFoundError(
         f"{text} does not exist; give a Hugging Face checkpoint folder, a .gguf file, a hub id (org/name) "
-        "or a catalog name (onnxllm export --list)"
+        f"or a catalog name ({', '.join(CATALOG)})"
     )

@@ -224,6 +224,9 @@ def evaluate(package_dir: str | os.PathLike, variant: str, *, text: str | None =
             raise QuantizeError(f"the package has no variant {name!r}; it has: {', '.join(manifest.variants)}")
     if max_tokens < 2:
         raise QuantizeError("max_tokens must be at least 2")
+    # The graph's rotary table (and the model) stop at the context length; the greedy check appends
+    # greedy_tokens after a short prompt, which fits well inside it.
+    max_tokens = min(max_tokens, manifest.architecture.context_length)
     label = "hamlet" if text is None else "custom"
     ids = tokenize(package_dir, manifest, hamlet_text() if text is None else text, max_tokens)
     runners = [DecoderRunner(safe_path(package_dir, manifest.variants[n].file), manifest) for n in (variant, reference)]

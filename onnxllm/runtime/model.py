@@ -69,7 +69,11 @@ class Model:
                               "top_p": manifest.generation.get("top_p"),
                               "repetition_penalty": manifest.generation.get("repetition_penalty")}.items()
             if v is not None})
-        self._lock = threading.Lock()
+        # Serializes use across threads. Re-entrant, so a thread that abandoned a stream (a `break`
+        # with the iterator still referenced) can start a new call; the epoch then retires the old
+        # stream, which ends as "cancelled" if resumed instead of touching the session again.
+        self._lock = threading.RLock()
+        self._epoch = 0
 
     # -- prompts -> token ids ------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -113,6 +117,8 @@ class Model:
         leaves instead of failing (an explicit max_tokens that does not fit is an error).
         """
         with self._lock:
+            self._epoch += 1
+            stop = _Retired(self, self._epoch, cancel)
             room = self.session.context - len(ids)
             if clip and 0 < room < config.max_tokens:
                 config = replace(config, max_tokens=room)
@@ -122,7 +128,7 @@ class Model:
                     f"prompt ({len(ids)} tokens) + max_tokens ({config.max_tokens}) = {total} exceeds the context "
                     f"of {self.session.context} tokens; shorten the prompt or lower max_tokens"
                 )
-            events = generate_tokens(self.session, ids, config, eos_ids=self.manifest.eos_token_ids, cancel=cancel)
+            events = generate_tokens(self.session, ids, config, eos_ids=self.manifest.eos_token_ids, cancel=stop)
             yield from stream_text(events, self.tokenizer, config)
 
     def stream(self, prompt: str | Messages, *, cancel: threading.Event | None = None, chat: bool = False,
@@ -148,6 +154,16 @@ class Model:
         from .info import package_info
 
         return package_info(self.root, self.manifest, providers=self.providers)
+
+
+class _Retired:
+    """The cancel signal of one stream: the caller's event, or a newer call having taken the model."""
+
+    def __init__(self, model: Model, epoch: int, cancel: threading.Event | None):
+        self.model, self.epoch, self.cancel = model, epoch, cancel
+
+    def is_set(self) -> bool:
+        return self.model._epoch != self.epoch or (self.cancel is not None and self.cancel.is_set())
 
 
 def collect(chunks: Iterator[Chunk]) -> GenerationResult:

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ContextOverflowError, InvalidPackageError
+from ..errors import ContextOverflowError, GenerationError, InvalidPackageError
 from ..package import Manifest
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -45,6 +45,8 @@ class DecoderSession:
         self.manifest = manifest
         self.config = config
         arch = manifest.architecture
+        if context is not None and (not isinstance(context, int) or context < 1):
+            raise GenerationError(f"context must be a positive number of tokens, got {context!r}")
         self.context = min(context or arch.context_length, arch.context_length)
         self.io = manifest.io
         self.num_layers = arch.num_layers
@@ -194,9 +196,10 @@ class DecoderSession:
         binding.bind_output(self.io.logits, "cpu")  # rebound: its shape changes with the input length
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
+        logits = outputs[0].numpy()
         if self.config.kv_mode != "shared":
-            self._kv = outputs[1:]
-        return outputs[0].numpy()
+            self._kv = outputs[1:]  # forward() extends self.tokens right after: nothing in between can raise
+        return logits
 
     def _run_plain(self, ids, mask, positions, keep) -> np.ndarray:
         """Without IO binding: numpy in, numpy out (the reference path the bound one is tested against)."""
