@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 
 from .catalog import CATALOG, is_catalog_name
 from .errors import ModelNotFoundError, UnsupportedModelError
+from .package import exclusive, read_manifest
 from .runtime.generate import Chunk, GenerationResult
 from .runtime.model import LoadOptions, Model, load_package
 
@@ -41,15 +42,15 @@ def pull(name: str, *, progress: Progress | None = None) -> Path:
         raise ModelNotFoundError(f"{name!r} is not in the catalog; known: {', '.join(CATALOG)}")
     entry = CATALOG[name.lower()]
     target = cache_dir() / entry.name
-    if (target / "onnxllm.json").is_file():
-        from .package import read_manifest
-
-        if entry.default_variant in read_manifest(target).variants:
-            return target
-    else:
-        _require_exporter(f"the first run of {entry.name!r}")
-        export(entry.name, target, force=True, progress=progress)
-    quantize(target, entry.default_variant, progress=progress)
+    # Two first runs at once (two terminals, two app instances) must not export into one folder.
+    with exclusive(cache_dir() / f".{entry.name}.lock"):
+        if (target / "onnxllm.json").is_file():
+            if entry.default_variant in read_manifest(target).variants:
+                return target
+        else:
+            _require_exporter(f"the first run of {entry.name!r}")
+            export(entry.name, target, force=True, progress=progress)
+        quantize(target, entry.default_variant, progress=progress)
     return target
 
 
@@ -100,4 +101,7 @@ def quantize(package: str | os.PathLike, scheme: str, **options):
     """Add an int8 or int4 variant to a package (see onnxllm.quantize.quantize for options)."""
     from .quantize.quantize import quantize as _quantize
 
-    return _quantize(package, scheme, **options)
+    if not Path(package).is_dir():
+        return _quantize(package, scheme, **options)  # raises its clear error; never create the folder
+    with exclusive(Path(package) / ".onnxllm.lock"):  # the manifest is read at the start, written at the end
+        return _quantize(package, scheme, **options)

@@ -228,3 +228,16 @@ def test_generation_error_types(pkg):
     for bad in ({"top_k": 1.5}, {"temperature": float("nan")}, {"stop": [""]}):
         with pytest.raises(GenerationError):
             model.generate("the", **bad)
+
+
+def test_two_processes_quantizing_one_package_keep_both_variants(tmp_path, tiny_llama):
+    """The manifest is read at the start of quantize and written at the end: a lock keeps both."""
+    import subprocess
+    import sys
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_llama, pkg)
+    code = "import sys, onnxllm; onnxllm.quantize(sys.argv[1], sys.argv[2], evaluate=False)"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(pkg), scheme]) for scheme in ("int8", "int4")]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert {"fp32", "int8", "int4"} <= set(read_manifest(pkg).variants)
