@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import onnxllm
 from onnxllm.errors import DeviceError, GenerationError, InvalidPackageError, ModelNotFoundError, OnnxLLMError
-from onnxllm.package import parse_manifest, safe_path
+from onnxllm.package import parse_manifest, read_manifest, safe_path
 
 
 @pytest.fixture
