@@ -307,6 +307,29 @@ def exclusive(lock_path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+_TWO_GB = 2_000_000_000
+
+
+def save_onnx(model, path: str | os.PathLike) -> None:
+    """Write an ONNX model; weights go to external data beside it (`NAME.data`) only past 2 GB.
+
+    Small tensors stay inline (size_threshold): ORT's shape inference needs constants like axes."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    big = sum(t.ByteSize() for t in model.graph.initializer) > _TWO_GB
+    onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def onnx_bytes(path: str | os.PathLike) -> int:
+    """Size of an .onnx file plus its external data file, if any."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return (path.stat().st_size if path.is_file() else 0) + (data.stat().st_size if data.is_file() else 0)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

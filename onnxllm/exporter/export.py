@@ -16,15 +16,15 @@ from typing import Callable
 
 from .. import __version__
 from ..errors import ExportError, InvalidPackageError, OnnxLLMError
-from ..package import (FORMAT_VERSION, Architecture, KVCacheSpec, Manifest, Variant, sha256_file,
+from ..package import (FORMAT_VERSION, Architecture, KVCacheSpec, Manifest, Variant, onnx_bytes, sha256_file,
                        staging_dir, write_manifest, write_text_atomic)
+from ..package import save_onnx as _save_onnx
 from .architectures import DecoderWeights, extract_weights
 from .graph import IO_NAMES, build_decoder
 from .sources import Source, resolve_source
 from .verify import verify_export
 
 Progress = Callable[[str], None]
-_TWO_GB = 2_000_000_000
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -119,15 +119,6 @@ def _generation_defaults(model) -> dict:
         "repetition_penalty": float(getattr(gen, "repetition_penalty", 1.0) or 1.0),
         "max_new_tokens": 256,
     }
-
-
-def _save_onnx(proto, path: Path) -> None:
-    import onnx
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    big = sum(t.ByteSize() for t in proto.graph.initializer) > _TWO_GB
-    onnx.save_model(proto, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
 
 
 def _genai_config(w: DecoderWeights, loaded: _Loaded, onnx_file: str) -> dict:
@@ -229,7 +220,7 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
                     f"(tolerance {report.tolerance}); no package was written. Re-run with --no-verify to keep it anyway"
                 )
         scheme = "fp32" if options.dtype == "float32" else "fp16"
-        variant = Variant(file=onnx_file, scheme=scheme, dtype=options.dtype, bytes=_size(tmp / onnx_file),
+        variant = Variant(file=onnx_file, scheme=scheme, dtype=options.dtype, bytes=onnx_bytes(tmp / onnx_file),
                           method={"exporter": "onnxllm graph builder", "timings_s": timings})
         manifest = Manifest(
             format_version=FORMAT_VERSION,
@@ -256,8 +247,3 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
         if progress:
             progress("done")
     return out_dir
-
-
-def _size(onnx_path: Path) -> int:
-    data = onnx_path.with_name(onnx_path.name + ".data")
-    return onnx_path.stat().st_size + (data.stat().st_size if data.exists() else 0)

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import QuantizeError
-from ..package import Variant, read_manifest, safe_path, write_manifest
+from ..package import Variant, onnx_bytes, read_manifest, safe_path, write_manifest
+from ..package import save_onnx as _save
 from .gguf_blocks import GGUFBlocks, find_source_gguf, matches_dense
 from .quality import (
     QUALITY_FILE,
@@ -54,7 +55,6 @@ from .schemes import (
 )
 
 Progress = Callable[[str], None]
-_TWO_GB = 2_000_000_000
 # Float types a base variant may have: (ONNX element type, numpy type).
 _FLOAT_TYPES = {"float32": (1, np.float32), "float16": (10, np.float16)}
 # Devices a quantized variant that meets its targets becomes the default for, by its float type: a
@@ -113,11 +113,6 @@ class _Target:
         array = self.tensor if isinstance(self.tensor, np.ndarray) else numpy_helper.to_array(self.tensor)
         array = array.astype(np.float32, copy=False)
         return array.T if self.transposed else array
-
-
-def _onnx_bytes(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def _matches(patterns: Iterable[str], *names: str) -> bool:
@@ -263,15 +258,6 @@ def _build(model, targets: list[_Target], *, block_size: int, symmetric: bool, a
     return model
 
 
-def _save(model, path: Path) -> None:
-    """Write the model to `path` (in the temp folder); external data, beside it, only past 2 GB."""
-    import onnx
-
-    big = sum(t.ByteSize() for t in model.graph.initializer) > _TWO_GB
-    onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
-
-
 class _Commit:
     """Moves staged files into place remembering what they replaced, so `rollback` can undo it all."""
 
@@ -410,7 +396,7 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
         staged = stage / final.name
         _save(model, staged)
         del model
-        nbytes = _onnx_bytes(staged)
+        nbytes = onnx_bytes(staged)
         ratio = nbytes / manifest.variants[base].bytes
         report, meets = None, None
         if not evaluate:  # at least prove ONNX Runtime accepts it before it joins the package

@@ -5,14 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..package import Manifest, safe_path
-
-
-def _size(root: Path, file: str) -> int:
-    path = safe_path(root, file)
-    total = path.stat().st_size if path.is_file() else 0
-    data = path.with_name(path.name + ".data")
-    return total + (data.stat().st_size if data.is_file() else 0)
+from ..package import Manifest, onnx_bytes, safe_path
 
 
 def package_info(root: Path, manifest: Manifest, *, providers=None) -> dict:
@@ -27,7 +20,7 @@ def package_info(root: Path, manifest: Manifest, *, providers=None) -> dict:
             quality = {"error": "quality.json is not valid JSON"}
     variants = {}
     for name, v in manifest.variants.items():
-        variants[name] = {"file": v.file, "scheme": v.scheme, "dtype": v.dtype, "bytes": _size(root, v.file),
+        variants[name] = {"file": v.file, "scheme": v.scheme, "dtype": v.dtype, "bytes": onnx_bytes(safe_path(root, v.file)),
                           "method": v.method, "quality": quality.get(name) if isinstance(quality, dict) else None}
     a = manifest.architecture
     return {
