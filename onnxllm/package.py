@@ -225,7 +225,22 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     for f in (manifest.tokenizer, manifest.chat_template):
         if f is not None:
             safe_path(root, f)
+    _check_genai_config(Path(root))
     return manifest
+
+
+def _check_genai_config(root: Path) -> None:
+    """genai_config.json is read by other runtimes: its model file must stay inside the package too."""
+    path = root / "genai_config.json"
+    if not path.is_file():
+        return
+    try:
+        decoder = json.loads(path.read_text(encoding="utf-8"))["model"]["decoder"]
+        filename = decoder.get("filename") if isinstance(decoder, dict) else None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise InvalidPackageError(f"{path} is not a valid genai_config.json; re-export the package") from None
+    if filename is not None:
+        safe_path(root, filename)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

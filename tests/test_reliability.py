@@ -241,3 +241,11 @@ def test_two_processes_quantizing_one_package_keep_both_variants(tmp_path, tiny_
     procs = [subprocess.Popen([sys.executable, "-c", code, str(pkg), scheme]) for scheme in ("int8", "int4")]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     assert {"fp32", "int8", "int4"} <= set(read_manifest(pkg).variants)
+
+
+@pytest.mark.parametrize("bad", ["../../outside.onnx", "/etc/passwd"])
+def test_genai_config_paths_confined(pkg, bad):
+    config = json.loads((pkg / "genai_config.json").read_text())
+    config["model"]["decoder"]["filename"] = bad
+    (pkg / "genai_config.json").write_text(json.dumps(config))
+    _one_line_error(InvalidPackageError, lambda: onnxllm.load(pkg), "unsafe path")
