@@ -27,7 +27,10 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 class SessionConfig:
     kv_mode: str = "shared"  # "shared" | "growing"
     io_binding: bool = True
-    initial_capacity: int = 256  # shared mode grows (doubling) up to the context length
+    # Shared mode allocates this many positions up front (like llama.cpp's n_ctx) and touches them, so
+    # memory is taken at load and stays flat through a conversation; it doubles past that, up to the
+    # context length. SmolLM2 (fp32 KV): 46 KiB per position, 46 MiB for 1024.
+    initial_capacity: int = 1024
 
 
 def _device_of(providers: Sequence[str]) -> tuple[str, int]:
@@ -153,7 +156,8 @@ class DecoderSession:
         kept = len(self.tokens)
         new = []
         for old in self._kv or [None] * (2 * self.num_layers):
-            buf = np.zeros(shape, self._kv_dtype)
+            buf = np.empty(shape, self._kv_dtype)
+            buf.fill(0)  # touch every page now: np.zeros would map them lazily, as the chat grows
             if old is not None and kept:
                 buf[:, :, :kept] = old.numpy()[:, :, :kept]
             new.append(self._ort.OrtValue.ortvalue_from_numpy(buf, *self._device))
