@@ -56,10 +56,14 @@ setup_llamacpp() {
 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF"
   say "llamacpp: building llama-cpp-python==$LLAMA_CPP_VERSION from source (6-8 min on 2 cores)"
   say "CMAKE_ARGS=${LLAMA_CMAKE_ARGS:-$flags}"
+  # The full build output goes to llamacpp-build.log; the setup log keeps CMake's summary lines.
   CMAKE_ARGS="${LLAMA_CMAKE_ARGS:-$flags}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" FORCE_CMAKE=1 \
     "$dir/bin/python" -m pip install -v --no-cache-dir --no-binary llama-cpp-python \
-    "llama-cpp-python==$LLAMA_CPP_VERSION" 2>&1 | grep -E -i "cmake|warn|error|GGML|Successfully|-- " || true
-  "$dir/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
+    "llama-cpp-python==$LLAMA_CPP_VERSION" > "$PEERS_DIR/llamacpp-build.log" 2>&1 \
+    || { tail -30 "$PEERS_DIR/llamacpp-build.log"; return 1; }
+  grep -E "^ *-- (Adding CPU backend|x86 detected|GGML|Including)|Manually-specified variables|Successfully" \
+    "$PEERS_DIR/llamacpp-build.log" || true
+  "$dir/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__); print(llama_cpp.llama_print_system_info().decode())"
   "$dir/bin/python" -m pip install -q numpy psutil matplotlib
   # Smoke test: SIGILL shows up here, not at import.
   local gguf
