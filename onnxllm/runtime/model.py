@@ -74,6 +74,7 @@ class Model:
         # stream, which ends as "cancelled" if resumed instead of touching the session again.
         self._lock = threading.RLock()
         self._epoch = 0
+        self._malloc_trim = _find_malloc_trim()
 
     # -- prompts -> token ids ------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -129,7 +130,17 @@ class Model:
                     f"of {self.session.context} tokens; shorten the prompt or lower max_tokens"
                 )
             events = generate_tokens(self.session, ids, config, eos_ids=self.manifest.eos_token_ids, cancel=stop)
-            yield from stream_text(events, self.tokenizer, config)
+            try:
+                yield from stream_text(events, self.tokenizer, config)
+            finally:
+                self._release_memory()
+
+    def _release_memory(self) -> None:
+        """Give a finished call's freed buffers back to the OS (glibc keeps freed heap memory otherwise,
+        and a desktop app's RSS would creep up by the largest prefill's buffers). Once per call, not
+        per token; a no-op where malloc_trim does not exist."""
+        if self._malloc_trim is not None:
+            self._malloc_trim(0)
 
     def stream(self, prompt: str | Messages, *, cancel: threading.Event | None = None, chat: bool = False,
                system: str | None = None, **options) -> Iterator[Chunk]:
@@ -154,6 +165,17 @@ class Model:
         from .info import package_info
 
         return package_info(self.root, self.manifest, providers=self.providers)
+
+
+def _find_malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
 
 
 class _Retired:
