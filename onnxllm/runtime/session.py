@@ -31,6 +31,11 @@ class SessionConfig:
     # memory is taken at load and stays flat through a conversation; it doubles past that, up to the
     # context length. SmolLM2 (fp32 KV): 46 KiB per position, 46 MiB for 1024.
     initial_capacity: int = 1024
+    # Logits of the last position only, the generation loop's need: the graph's `num_logits_to_keep`
+    # is fixed to 1 when the session is made, so a prompt's prefill never computes (or copies) the
+    # other positions' logits (a 512-token prompt: 100 MB and a 49152x576 product per position).
+    # True keeps the input free, for callers that want every position (forward(all_logits=True)).
+    all_logits: bool = False
 
 
 def _device_of(providers: Sequence[str]) -> tuple[str, int]:
@@ -57,8 +62,11 @@ class DecoderSession:
         self._kv_dtype = _NP_DTYPES.get(manifest.kv_cache.dtype, np.float32)
         self._device = _device_of(ort_session.get_providers())
         self._check_io()
-        names = {i.name for i in ort_session.get_inputs()}
-        self._keep_name = self.io.logits_to_keep if self.io.logits_to_keep in names else None
+        # The graph declares num_logits_to_keep as an input with a default initializer, which ORT lists
+        # among the overridable initializers, not the inputs; IO binding cannot bind those.
+        overridable = {i.name for i in ort_session.get_overridable_initializers()}
+        self._keep_name = self.io.logits_to_keep if self.io.logits_to_keep in overridable else None
+        self._keep_fixed = self._keep_name is not None and not config.all_logits
         self.tokens: list[int] = []  # what the cache holds, position by position
         self._kv: list = []  # OrtValues: [k0, v0, k1, v1, ...]
         self._capacity = 0
@@ -123,11 +131,14 @@ class DecoderSession:
         feed_ids = np.asarray([ids], dtype=np.int64)  # (1, S)
         positions = np.arange(start, start + len(ids), dtype=np.int64)[None]  # (1, S)
         mask = self._mask[:, : start + len(ids)]  # (1, T): a view, no allocation
+        if all_logits and self._keep_fixed:
+            raise GenerationError("this session computes the last position's logits only; "
+                                  "open it with SessionConfig(all_logits=True) for every position's")
         keep = None
-        if self._keep_name is not None:
+        if self._keep_name is not None and not self._keep_fixed:
             keep = np.array(0 if all_logits else 1, dtype=np.int64)
         if self.config.io_binding:
-            logits = self._run_bound(feed_ids, mask, positions, keep)
+            logits = self._run_bound(feed_ids, mask, positions)  # keep: fixed, or the default 0 (all)
         else:
             logits = self._run_plain(feed_ids, mask, positions, keep)
         self.tokens.extend(ids)
@@ -190,10 +201,8 @@ class DecoderSession:
             self._binding = binding
         return binding
 
-    def _run_bound(self, ids, mask, positions, keep) -> np.ndarray:
+    def _run_bound(self, ids, mask, positions) -> np.ndarray:
         binding = self._kv_binding()
-        if keep is not None:
-            binding.bind_cpu_input(self._keep_name, keep)
         binding.bind_cpu_input(self.io.input_ids, ids)
         binding.bind_cpu_input(self.io.attention_mask, mask)
         binding.bind_cpu_input(self.io.position_ids, positions)
@@ -240,6 +249,10 @@ def open_session(onnx_path: Path, manifest: Manifest, *, providers: list, option
     """An InferenceSession over a package's .onnx; ORT errors become InvalidPackageError."""
     import onnxruntime as ort
 
+    keep_name, keep_value = manifest.io.logits_to_keep, None
+    if keep_name and not config.all_logits:
+        keep_value = ort.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64))
+        options.add_initializer(keep_name, keep_value)
     try:
         sess = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile classes, not a common base
@@ -247,4 +260,6 @@ def open_session(onnx_path: Path, manifest: Manifest, *, providers: list, option
         raise InvalidPackageError(
             f"ONNX Runtime cannot load {onnx_path}: {first[:300]}; the file may be truncated or corrupt: re-export it"
         ) from None
-    return DecoderSession(sess, manifest, config=config, context=context)
+    decoder = DecoderSession(sess, manifest, config=config, context=context)
+    decoder._keep_value = keep_value  # ORT borrows the value: it must live as long as the session
+    return decoder
