@@ -1,0 +1,102 @@
+"""Output: the markdown tables and the PNG chart (`compare.py --plot-from`, run by a peer venv with matplotlib)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from .common import PEERS, RUNTIME_LABEL
+
+
+def fmt(x, nd=0) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{nd}f}"
+
+
+def markdown_table(rows: list[dict], lengths: list[int], disturbed: float = 0.25) -> str:
+    """One row per (runtime, variant); a * marks a prompt length other processes still disturbed."""
+    a, b = lengths[0], lengths[-1]
+
+    def v(x: dict, key: str) -> str:
+        return fmt(x[key]) + ("*" if x.get("other_cores", 0.0) > disturbed else "")
+
+    head = (f"| runtime | variant | file MiB | load s | decode tok/s @{a} | decode @{b} | prefill tok/s @{a} | "
+            f"prefill @{b} | peak RSS MiB | greedy = fp32 |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        res = {x["prompt_tokens"]: x for x in r["results"]}
+        lines.append(f"| {RUNTIME_LABEL[r['runtime']]} | {r['variant']} | {fmt(r['file_mib'])} | {fmt(r['load_s'], 2)} | "
+                     f"{v(res[a], 'decode_tok_s')} | {v(res[b], 'decode_tok_s')} | {v(res[a], 'prefill_tok_s')} | "
+                     f"{v(res[b], 'prefill_tok_s')} | {fmt(r['peak_rss_mib'])} | "
+                     f"{r.get('greedy_prefix_match_vs_onnxllm_fp32', '-')} |")
+    return "\n".join(lines)
+
+
+def ceiling_table(rows: list[dict], lengths: list[int], bw: float) -> str:
+    a, b = lengths[0], lengths[-1]
+    lines = [(f"| runtime | variant | MiB read/token @{a} | ceiling tok/s @{a} | measured | reached | "
+              f"MiB read/token @{b} | ceiling @{b} | measured | reached |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        c = r.get("ceiling")
+        if not c:
+            continue
+        res = {x["prompt_tokens"]: x for x in r["results"]}
+        ca, cb = c[str(a)], c[str(b)]
+        lines.append(f"| {RUNTIME_LABEL[r['runtime']]} | {r['variant']} | {ca['bytes_per_token_mib']} | "
+                     f"{fmt(ca['ceiling_tok_s'])} | {fmt(res[a]['decode_tok_s'])} | {fmt(100 * (ca['fraction'] or 0))}% | "
+                     f"{cb['bytes_per_token_mib']} | {fmt(cb['ceiling_tok_s'])} | {fmt(res[b]['decode_tok_s'])} | "
+                     f"{fmt(100 * (cb['fraction'] or 0))}% |")
+    return "\n".join(lines)
+
+
+def plot(json_path: Path, png: Path) -> None:
+    """(a venv with matplotlib) grouped bars: decode and prefill tok/s per runtime/variant at each prompt length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(json_path.read_text())
+    rows = data["rows"]
+    lengths = data["config"]["prompt_lengths"]
+    short = {"onnxllm": "onnxllm", "llamacpp": "llama.cpp", "genai": "ORT GenAI", "optimum": "optimum",
+             "transformers": "PyTorch"}
+    labels = [f"{short[r['runtime']]}\n{r['variant']}" for r in rows]
+    shades = {"onnxllm": ["#f4a3a3", "#c41e1e"], "other": ["#c9c9c9", "#5f5f5f"]}
+    fig, axes = plt.subplots(2, 1, figsize=(max(10, 1.05 * len(rows) + 2), 9))
+    width = 0.8 / len(lengths)
+    for ax, (key, title) in zip(axes, (("decode_tok_s", "decode tok/s"), ("prefill_tok_s", "prefill tok/s"))):
+        top = 0.0
+        for j, n in enumerate(lengths):
+            vals = [next(x[key] for x in r["results"] if x["prompt_tokens"] == n) or 0 for r in rows]
+            top = max(top, *vals)
+            colors = [shades["onnxllm" if r["runtime"] == "onnxllm" else "other"][min(j, 1)] for r in rows]
+            xs = [i + (j - (len(lengths) - 1) / 2) * width for i in range(len(rows))]
+            bars = ax.bar(xs, vals, width, color=colors, label=f"{n}-token prompt")
+            ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+        ax.set_xticks(range(len(rows)), labels, fontsize=8)
+        ax.set_ylabel(title)
+        ax.set_ylim(0, top * 1.12 if top > 0 else 1)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+        handles = [plt.Rectangle((0, 0), 1, 1, color=shades["other"][min(j, 1)]) for j in range(len(lengths))]
+        ax.legend(handles, [f"{n}-token prompt (lighter) " if j == 0 else f"{n}-token prompt (darker)"
+                            for j, n in enumerate(lengths)], fontsize=8, loc="upper right")
+    m = data["machine"]
+    fig.suptitle(f"SmolLM2-135M-Instruct on {m['cpu']} ({m['cores']} cores): {data['config']['threads']} threads, "
+                 f"greedy, batch 1, {data['config']['gen_tokens']} new tokens, median of {data['config']['runs']}. "
+                 "Red: onnxllm.", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
+def find_plot_python() -> Path | None:
+    for name in ("llamacpp", "genai", "optimum"):
+        py = PEERS / name / "bin" / "python"
+        if py.exists() and subprocess.run([str(py), "-c", "import matplotlib"], capture_output=True, check=False).returncode == 0:
+            return py
+    return None

@@ -1,0 +1,239 @@
+"""Per-runtime workers: each runs in its runtime's venv (`compare.py --worker NAME`), times a greedy
+loop over the prompts and prints one RESULT_TAG line of JSON.
+
+Top-level imports are the standard library only: the peer venvs have neither onnxllm's dependencies nor
+each other's; every runtime package is imported inside its worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from .common import RESULT_TAG
+from .machine import _own_cpu, _proc_stat, peak_rss_mib
+
+
+def size_mib(paths) -> float:
+    total = 0
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        elif p.exists():
+            total += p.stat().st_size
+    return round(total / 2**20, 1)
+
+
+def timed_runs(step_prefill, step_decode, reset, prompt: list[int], gen: int, runs: int, warmup: bool = True) -> dict:
+    """Generic greedy loop: prefill -> token 1, then gen-1 one-token steps. Returns medians + tokens."""
+
+    def once(n_new: int):
+        reset()
+        t0 = time.perf_counter()
+        tok = step_prefill(prompt)
+        t1 = time.perf_counter()
+        toks = [tok]
+        for _ in range(n_new - 1):
+            tok = step_decode(tok)
+            toks.append(tok)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, toks
+
+    if warmup:
+        once(gen)
+    pre, dec, toks = [], [], []
+    b0, t0, own0, w0 = *_proc_stat(), _own_cpu(), time.perf_counter()
+    for _ in range(runs):
+        p, d, toks = once(gen)
+        pre.append(p)
+        dec.append(d)
+    b1, t1, own1, w1 = *_proc_stat(), _own_cpu(), time.perf_counter()
+    ncpu = os.cpu_count() or 1
+    others = ncpu * (b1 - b0) / max(t1 - t0, 1e-9) - (own1 - own0) / max(w1 - w0, 1e-9)
+    p, d = statistics.median(pre), statistics.median(dec)
+    return {"prompt_tokens": len(prompt), "gen_tokens": gen, "other_cores": round(max(others, 0.0), 2),
+            "prefill_s": round(p, 4),
+            "prefill_tok_s": round(len(prompt) / p, 1), "decode_s": round(d, 4),
+            "decode_tok_s": round((gen - 1) / d, 1) if gen > 1 else None,
+            "prefill_s_all": [round(x, 4) for x in pre], "decode_s_all": [round(x, 4) for x in dec],
+            "tokens": toks}
+
+
+# --------------------------------------------------------------------------------------- workers
+def _argmax(x) -> int:
+    import numpy as np
+
+    return int(np.argmax(np.asarray(x).reshape(-1)))
+
+
+def worker_onnxllm(a) -> dict:
+    import onnxruntime as ort
+
+    import onnxllm
+
+    t = time.perf_counter()
+    m = onnxllm.load(a.model, device="cpu", variant=a.variant, threads=a.threads)
+    load_s = time.perf_counter() - t
+    s = m.session
+    total = max(a.prompt_lens) + a.gen
+
+    def reset():
+        s.rewind(0)
+        s.reserve(total)
+
+    res = [timed_runs(lambda p: _argmax(s.forward(p)), lambda tok: _argmax(s.forward([tok])), reset,
+                      prompt, a.gen, a.runs) for prompt in a.prompts]
+    var = m.manifest.variants[m.variant]
+    files = [Path(m.root) / var.file] + [Path(m.root) / var.file.replace(".onnx", ".onnx.data")]
+    return {"load_s": load_s, "results": res, "file_mib": size_mib(files), "variant_resolved": m.variant,
+            "versions": {"onnxllm": onnxllm.__version__, "onnxruntime": ort.__version__},
+            "providers": s.session.get_providers()}
+
+
+def worker_llamacpp(a) -> dict:
+    import llama_cpp
+
+    t = time.perf_counter()
+    llm = llama_cpp.Llama(a.model, n_threads=a.threads, n_threads_batch=a.threads, n_ctx=1024, n_batch=512,
+                          n_ubatch=512, logits_all=False, verbose=False, use_mmap=True)
+    load_s = time.perf_counter() - t
+
+    import numpy as np
+
+    n_vocab = llm.n_vocab()
+
+    def logits_last():  # Llama.eval keeps no scores without logits_all: read the context's last-row logits
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+
+    def prefill(p):
+        llm.eval(p)
+        return _argmax(logits_last())
+
+    def decode(tok):
+        llm.eval([tok])
+        return _argmax(logits_last())
+
+    res = [timed_runs(prefill, decode, llm.reset, prompt, a.gen, a.runs) for prompt in a.prompts]
+    info = llama_cpp.llama_print_system_info()
+    info = info.decode() if isinstance(info, bytes) else str(info)
+    return {"load_s": load_s, "results": res, "file_mib": size_mib([a.model]),
+            "versions": {"llama-cpp-python": llama_cpp.__version__, "llama.cpp system_info": info.strip()}}
+
+
+def worker_genai(a) -> dict:
+    import onnxruntime_genai as og
+
+    t = time.perf_counter()
+    config = og.Config(a.model)
+    model = og.Model(config)
+    load_s = time.perf_counter() - t
+    state = {}
+
+    def reset():
+        state.pop("g", None)
+
+    def prefill(p):
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(p) + a.gen, batch_size=1)
+        g = og.Generator(model, params)
+        state["g"] = g
+        g.append_tokens(p)          # runs the prompt through the model
+        g.generate_next_token()     # greedy pick from those logits (no model run)
+        return int(g.get_next_tokens()[0])
+
+    def decode(tok):
+        g = state["g"]
+        g.generate_next_token()     # runs the model on the last token, then picks
+        return int(g.get_next_tokens()[0])
+
+    res = [timed_runs(prefill, decode, reset, prompt, a.gen, a.runs) for prompt in a.prompts]
+    d = Path(a.model)
+    return {"load_s": load_s, "results": res, "file_mib": size_mib(sorted(d.glob("*.onnx")) + sorted(d.glob("*.onnx.data"))),
+            "versions": {"onnxruntime-genai": og.__version__}}
+
+
+def _torch_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "optimum", "optimum-onnx", "onnxruntime"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _hf_loop(model, a, torch) -> list[dict]:
+    """Greedy loop over a causal LM with past_key_values (PyTorch or optimum's ORT model)."""
+    state = {}
+
+    def reset():
+        state.clear()
+
+    def step(ids):
+        past = state.get("past")
+        n_past = state.get("n", 0)
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        mask = torch.ones((1, n_past + len(ids)), dtype=torch.long)
+        pos = torch.arange(n_past, n_past + len(ids), dtype=torch.long)[None]
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+        state["past"], state["n"] = out.past_key_values, n_past + len(ids)
+        return int(out.logits[0, -1].argmax())
+
+    with torch.inference_mode():
+        return [timed_runs(step, lambda tok: step([tok]), reset, prompt, a.gen, a.runs) for prompt in a.prompts]
+
+
+def worker_transformers(a) -> dict:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from transformers import AutoModelForCausalLM
+
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    model.eval()
+    load_s = time.perf_counter() - t
+    res = _hf_loop(model, a, torch)
+    return {"load_s": load_s, "results": res, "file_mib": size_mib(sorted(Path(a.model).glob("*.safetensors"))),
+            "versions": _torch_versions()}
+
+
+def worker_optimum(a) -> dict:
+    import onnxruntime as ort
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = a.threads
+    so.inter_op_num_threads = 1
+    name = "model_quantized.onnx" if a.variant == "int8" else "model.onnx"
+    t = time.perf_counter()
+    model = ORTModelForCausalLM.from_pretrained(a.model, file_name=name, session_options=so, use_cache=True,
+                                                provider="CPUExecutionProvider")
+    load_s = time.perf_counter() - t
+    res = _hf_loop(model, a, torch)
+    d = Path(a.model)
+    return {"load_s": load_s, "results": res, "file_mib": size_mib([d / name, d / (name + "_data"), d / (name + ".data")]),
+            "versions": _torch_versions()}
+
+
+WORKERS = {"onnxllm": worker_onnxllm, "llamacpp": worker_llamacpp, "genai": worker_genai,
+           "optimum": worker_optimum, "transformers": worker_transformers}
+
+
+def worker_main(a) -> None:
+    a.prompts = json.loads(Path(a.prompts_file).read_text())
+    a.prompt_lens = [len(p) for p in a.prompts]
+    out = WORKERS[a.worker](a)
+    out["load_s"] = round(out["load_s"], 3)
+    out["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    out["python"] = sys.executable
+    print(RESULT_TAG + json.dumps(out), flush=True)
