@@ -71,7 +71,10 @@ def _skip_norm(g: _Graph, residual: str | None, delta: str, norm: Norm, kind: st
         normed = g.op(op, [delta, gamma, *beta], f"{name}/{op}", axis=-1, epsilon=eps, stash_type=1)
         return normed, delta
     op = "SkipSimplifiedLayerNormalization" if kind == "rms" else "SkipLayerNormalization"
-    outs = g.op(op, [residual, delta, gamma, *beta], f"{name}/{op}", outputs=4, domain=MS_DOMAIN, epsilon=eps)
+    # Outputs 1 and 2 (mean, inverse std) are left unnamed, so the kernel neither computes nor stores them.
+    node = f"{name}/{op}"
+    outs = g.op(op, [residual, delta, gamma, *beta], node, outputs=[f"{node}/output_0", "", "", f"{node}/output_3"],
+                domain=MS_DOMAIN, epsilon=eps)
     return outs[0], outs[3]
 
 
