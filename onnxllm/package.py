@@ -322,19 +322,17 @@ def exclusive(lock_path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-_TWO_GB = 2_000_000_000
-
-
 def save_onnx(model, path: str | os.PathLike) -> None:
-    """Write an ONNX model; weights go to external data beside it (`NAME.data`) only past 2 GB.
+    """Write an ONNX model with its weights in external data beside it (`NAME.data`), as genai and optimum do.
 
+    Loading then skips a protobuf copy of every weight: measured on SmolLM2 int8, load 0.49 -> 0.28 s and
+    44 MiB less peak memory than the same graph with inline weights (beyond 2 GB inline is not possible).
     Small tensors stay inline (size_threshold): ORT's shape inference needs constants like axes."""
     import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    big = sum(t.ByteSize() for t in model.graph.initializer) > _TWO_GB
-    onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
 
 

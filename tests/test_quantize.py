@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 from _tiny import make_tiny_checkpoint, make_tiny_package
 
 from onnxllm.errors import QuantizeError
-from onnxllm.package import read_manifest, write_manifest
+from onnxllm.package import onnx_bytes, read_manifest, write_manifest
 from onnxllm.quantize import SCHEMES, quantize
 from onnxllm.quantize.gguf_blocks import GGUFBlocks, decode_blocks
 from onnxllm.quantize.quality import DecoderRunner
@@ -81,13 +81,15 @@ IDS = [int(i) for i in np.random.default_rng(0).integers(0, 300, 40)]
 def test_scheme_runs_records_and_stays_close(package, model_type, scheme):
     pkg = package(model_type)
     fp32 = read_manifest(pkg).variants["fp32"]
-    before = hashlib.sha256((pkg / fp32.file).read_bytes()).hexdigest()
+    files = [pkg / fp32.file, pkg / (fp32.file + ".data")]  # the graph and its weights (external data)
+    before = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
     result = quantize(pkg, scheme, evaluate=False)
 
-    assert hashlib.sha256((pkg / fp32.file).read_bytes()).hexdigest() == before
+    assert [hashlib.sha256(f.read_bytes()).hexdigest() for f in files] == before
     manifest = read_manifest(pkg)
     variant = manifest.variants[scheme]
-    assert variant.file == SCHEMES[scheme].file and (pkg / variant.file).stat().st_size == variant.bytes
+    assert variant.file == SCHEMES[scheme].file and onnx_bytes(pkg / variant.file) == variant.bytes
+    assert (pkg / (variant.file + ".data")).stat().st_size > (pkg / variant.file).stat().st_size  # weights outside
     assert variant.method["bits"] == SCHEMES[scheme].bits and variant.method["operator"] == "com.microsoft.MatMulNBits"
     assert variant.method["lossless"] is False and variant.method["block_size"] == 32
     assert result.bytes < fp32.bytes * 0.5
