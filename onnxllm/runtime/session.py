@@ -27,10 +27,12 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 class SessionConfig:
     kv_mode: str = "shared"  # "shared" | "growing"
     io_binding: bool = True
-    # Shared mode allocates this many positions up front (like llama.cpp's n_ctx) and touches them, so
-    # memory is taken at load and stays flat through a conversation; it doubles past that, up to the
-    # context length. SmolLM2 (fp32 KV): 46 KiB per position, 46 MiB for 1024.
-    initial_capacity: int = 1024
+    # Shared mode allocates this many positions at load and touches them (no page faults mid-generation).
+    # Each call reserves prompt + max_tokens before its prefill, so the buffers grow once per call at most,
+    # to exactly what the call needs or double the old size, whichever is more (up to the context length):
+    # memory follows what generations need, as with genai's max_length, instead of a fixed 1024 positions
+    # (SmolLM2, fp32 KV: 46 KiB per position; 256 positions = 11.5 MiB).
+    initial_capacity: int = 256
     # Logits of the last position only, the generation loop's need: the graph's `num_logits_to_keep`
     # is fixed to 1 when the session is made, so a prompt's prefill never computes (or copies) the
     # other positions' logits (a 512-token prompt: 100 MB and a 49152x576 product per position).
