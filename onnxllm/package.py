@@ -282,6 +282,8 @@ def staging_dir(final: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+        # mkdtemp makes it owner-only; the package gets the mode of the folder it is written into.
+        os.chmod(tmp, final.parent.stat().st_mode & 0o777)
     except OSError as exc:
         raise InvalidPackageError(f"cannot write to {final.parent}: {exc.strerror or exc}; choose another output folder") from None
     try:
@@ -334,6 +336,11 @@ def save_onnx(model, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
+    # onnx creates the data file owner-only (0600); give it the graph file's mode (the user's umask), so a
+    # package others can read stays readable as a whole.
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        os.chmod(data, path.stat().st_mode & 0o777)
 
 
 def onnx_bytes(path: str | os.PathLike) -> int:

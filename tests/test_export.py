@@ -41,6 +41,9 @@ def test_architecture_matches_pytorch(tmp_path, arch):
     pkg = export(ckpt, tmp_path / "pkg")
     for name in PACKAGE_FILES:
         assert (pkg / name).is_file(), name
+    assert pkg.stat().st_mode & 0o777 == tmp_path.stat().st_mode & 0o777  # not mkdtemp's owner-only mode
+    graph = pkg / "onnx" / "model.onnx"
+    assert graph.with_name("model.onnx.data").stat().st_mode == graph.stat().st_mode
     manifest = json.loads((pkg / "onnxllm.json").read_text())
     assert manifest["architecture"]["model_type"] == arch
     assert manifest["verification"]["max_abs_diff"] < 1e-4

@@ -89,7 +89,8 @@ def test_scheme_runs_records_and_stays_close(package, model_type, scheme):
     manifest = read_manifest(pkg)
     variant = manifest.variants[scheme]
     assert variant.file == SCHEMES[scheme].file and onnx_bytes(pkg / variant.file) == variant.bytes
-    assert (pkg / (variant.file + ".data")).stat().st_size > (pkg / variant.file).stat().st_size  # weights outside
+    graph, data = (pkg / variant.file).stat(), (pkg / (variant.file + ".data")).stat()
+    assert data.st_size > graph.st_size and data.st_mode == graph.st_mode  # weights outside, as readable
     assert variant.method["bits"] == SCHEMES[scheme].bits and variant.method["operator"] == "com.microsoft.MatMulNBits"
     assert variant.method["lossless"] is False and variant.method["block_size"] == 32
     assert result.bytes < fp32.bytes * 0.5
