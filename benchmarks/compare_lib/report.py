@@ -34,6 +34,10 @@ def markdown_table(rows: list[dict], lengths: list[int], disturbed: float = 0.25
     return "\n".join(lines)
 
 
+def _share(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fmt(100 * fraction)}%"  # None: no decode rate was measured
+
+
 def ceiling_table(rows: list[dict], lengths: list[int], bw: float) -> str:
     a, b = lengths[0], lengths[-1]
     lines = [(f"| runtime | variant | MiB read/token @{a} | ceiling tok/s @{a} | measured | reached | "
@@ -46,9 +50,9 @@ def ceiling_table(rows: list[dict], lengths: list[int], bw: float) -> str:
         res = {x["prompt_tokens"]: x for x in r["results"]}
         ca, cb = c[str(a)], c[str(b)]
         lines.append(f"| {RUNTIME_LABEL[r['runtime']]} | {r['variant']} | {ca['bytes_per_token_mib']} | "
-                     f"{fmt(ca['ceiling_tok_s'])} | {fmt(res[a]['decode_tok_s'])} | {fmt(100 * (ca['fraction'] or 0))}% | "
+                     f"{fmt(ca['ceiling_tok_s'])} | {fmt(res[a]['decode_tok_s'])} | {_share(ca['fraction'])} | "
                      f"{cb['bytes_per_token_mib']} | {fmt(cb['ceiling_tok_s'])} | {fmt(res[b]['decode_tok_s'])} | "
-                     f"{fmt(100 * (cb['fraction'] or 0))}% |")
+                     f"{_share(cb['fraction'])} |")
     return "\n".join(lines)
 
 

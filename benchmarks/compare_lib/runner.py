@@ -197,5 +197,7 @@ def selected(only: str | None) -> list[tuple[str, str]]:
         rt, _, v = item.partition(":")
         if rt not in ALL_VARIANTS:
             sys.exit(f"--only: unknown runtime {rt!r} (one of {', '.join(order)})")
+        if v and v.lower() not in {x.lower() for x in ALL_VARIANTS[rt]}:
+            sys.exit(f"--only: {rt} has no variant {v!r} (one of {', '.join(ALL_VARIANTS[rt])})")
         keep += [(r, vv) for r, vv in pairs if r == rt and (not v or vv.lower() == v.lower())]
     return [p for p in pairs if p in keep]
