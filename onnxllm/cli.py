@@ -101,7 +101,8 @@ def export(source, out_dir, dtype, verify, force, trust_remote_code, allow_pickl
 
 @cli.command()
 @click.argument("package", type=click.Path())
-@click.option("--scheme", type=click.Choice(["int8", "int4"]), required=True)
+@click.option("--scheme", type=click.Choice(["int8", "int4", "int8-dynamic"]), required=True,
+              help="int8: the default CPU variant; int4: smallest; int8-dynamic: int8 with a faster prefill (CPU)")
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
 @click.option("--asymmetric", is_flag=True, help="Asymmetric (zero-point) quantization.")
 @click.option("--exclude", multiple=True, help="Node name or glob pattern to keep in full precision (repeatable).")

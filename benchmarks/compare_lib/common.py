@@ -29,7 +29,7 @@ RUNTIME_LABEL = {
     "transformers": "transformers PyTorch",
 }
 ALL_VARIANTS = {
-    "onnxllm": ["int4", "int8", "fp32"],
+    "onnxllm": ["int4", "int8", "int8-dynamic", "fp32"],
     "llamacpp": ["Q4_0", "Q4_1", "Q8_0"],
     "genai": ["int4", "int8", "fp32"],
     "optimum": ["int8", "fp32"],

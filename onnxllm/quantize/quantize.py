@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import QuantizeError
 from ..package import Variant, onnx_bytes, read_manifest, safe_path, write_manifest
 from ..package import save_onnx as _save
+from .dynamic import CALIBRATION_TEXT, smooth_and_convert
 from .gguf_blocks import GGUFBlocks, find_source_gguf, matches_dense
 from .quality import (
     QUALITY_FILE,
@@ -374,6 +375,14 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
 
     say(f"loading {base_path.name}")
     model = onnx.load(str(base_path))
+    dynamic = None
+    if scheme == "int8-dynamic":
+        if dtype != "float32":
+            raise QuantizeError("int8-dynamic is a CPU scheme and needs the fp32 variant (this package's base is "
+                                f"{base}); export with --dtype float32")
+        say("calibrating activation ranges and folding the smoothing scales")
+        calibration = tokenize(root, manifest, CALIBRATION_TEXT, min(512, manifest.architecture.context_length))
+        dynamic = smooth_and_convert(model, manifest, calibration, exclude=lambda name: _matches(exclude, name))
     targets, excluded = _find_targets(model, spec, exclude, head_bits, emb_bits, block_size, elem_type)
     if not targets:
         raise QuantizeError("nothing to quantize: every weight is excluded or not a MatMul/Gemm/Gather weight")
@@ -430,7 +439,7 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
                           "operator": "GatherBlockQuantized" if "embedding" in kinds else f"Gather ({plain})",
                           "shared_with_lm_head": _tied(targets) and head_bits == emb_bits},
             "exclude": list(exclude), "excluded": excluded, "kept_8bit": kept8,
-            "lossless": lossless, "gguf": gguf_record,
+            "lossless": lossless, "gguf": gguf_record, "dynamic": dynamic,
             "quality": report.to_dict() if report else None,
             "targets": {"max_size_ratio": _size_target(spec, dtype), "max_ppl_increase": spec.max_ppl_increase,
                         "min_top1": spec.min_top1},

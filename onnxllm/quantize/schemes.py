@@ -60,6 +60,9 @@ SCHEMES: dict[str, Scheme] = {
                "8-bit weights (MatMulNBits bits=8, block 32), embedding and lm_head 8-bit"),
         Scheme("int4", 4, "onnx/model_q4.onnx", 8, 8, 0.20, 0.05, 0.90,
                "4-bit weights (MatMulNBits bits=4, block 32), embedding and lm_head 8-bit"),
+        Scheme("int8-dynamic", 8, "onnx/model_int8_dynamic.onnx", 8, 8, 0.30, 0.01, 0.97,
+               "8-bit weights; qkv, o and gate|up as DynamicQuantizeMatMul after smoothing (fast prefill), "
+               "down_proj, embedding and lm_head as int8 (see quantize/dynamic.py)"),
     )
 }
 # Top-1 agreement below this earns a loud warning whatever the scheme.

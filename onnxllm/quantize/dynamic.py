@@ -1,0 +1,167 @@
+"""int8-dynamic: SmoothQuant-style smoothing folded into the graph, then DynamicQuantizeMatMul.
+
+DynamicQuantizeMatMul (int8 weights per output channel, activations quantized to int8 at run time, one
+scale per call) is ONNX Runtime's fastest CPU product for a prompt (VNNI/AMX int8 GEMM: ~3x MatMulNBits
+at 64 tokens, benchmarks/kernel_floor.py). Alone it ruins quality: one activation scale per prompt is set by
+a few outlier channels. Smoothing moves that range into the weights: for each product x @ W, with
+s_j = max|x_j|^alpha / max|W_j|^(1 - alpha) measured on calibration text,
+
+    x @ W = (x / s) @ (s * W)
+
+and 1/s is folded exactly into what produces x: the input norm's weight (and bias) for qkv, the
+post-attention norm's for the gate|up product, and the V columns (and bias) of qkv for o_proj (one scale
+per KV head channel, shared by the query heads that read it). down_proj keeps MatMulNBits: its input
+(silu(gate) * up) carries the massive activations no smoothing tames (measured on SmolLM2: top-1 86-92%
+when it is smoothed too). Names follow onnxllm's graph builder (exporter/graph.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import QuantizeError
+
+ALPHA = 0.7  # SmolLM2, 256 tokens of Hamlet, whole sequence: alpha 0.5 top-1 97.3%; 0.7 98.4%; 0.85 86.3%
+_NORMS = {  # op -> (index of the weight input, index of the bias input or None)
+    "SimplifiedLayerNormalization": (1, None), "SkipSimplifiedLayerNormalization": (2, None),
+    "LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3),
+}
+
+# Calibration text: varied prose, dialogue, code and numbers, none of it Hamlet (the quality text).
+CALIBRATION_TEXT = """\
+The river rose for three days before anyone in the valley thought to move the grain. By the fourth
+morning the low fields were a brown lake, and the ferryman charged twice his usual fare to cross it.
+"Will it hold?" asked the mayor, pointing at the old stone bridge. "It held in 1893," said the engineer,
+"and it was a smaller river then." Nobody laughed.
+def moving_average(values, window=3):
+    # Return the mean of each run of `window` consecutive values.
+    return [sum(values[i:i + window]) / window for i in range(len(values) - window + 1)]
+Quarterly revenue was $4.2 million, up 17% from $3.6 million a year earlier; operating costs fell 3.5%.
+Photosynthesis converts light energy into chemical energy: carbon dioxide and water become glucose and
+oxygen inside the chloroplasts of plant cells. Mitochondria then release that energy during respiration.
+User: Can you suggest a name for a small bakery by the sea? Assistant: How about "Salt & Crumb"?
+SELECT name, COUNT(*) AS orders FROM customers JOIN orders USING (customer_id) GROUP BY name;
+In 1969 the first humans walked on the Moon; 2.5 billion people are thought to have watched on television.
+"""
+
+
+def _inits(model) -> dict:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _get(inits, name) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(inits[name]).astype(np.float32)
+
+
+def _put(inits, name, array) -> None:
+    from onnx import numpy_helper
+
+    inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+
+
+def activation_ranges(model, manifest, ids: list[int], names: list[str]) -> dict[str, np.ndarray]:
+    """max |x| per channel of each named tensor, over a forward pass of `ids` (empty past) in ORT."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del probe
+    io, arch = manifest.io, manifest.architecture
+    feed = {io.input_ids: np.asarray([ids], np.int64), io.attention_mask: np.ones((1, len(ids)), np.int64),
+            io.position_ids: np.arange(len(ids), dtype=np.int64)[None]}
+    empty = np.zeros((1, arch.num_kv_heads, 0, arch.head_dim), np.float32)
+    feed.update({i.name: empty for i in session.get_inputs() if i.name.startswith("past_key_values")})
+    outs = session.run(names, feed)
+    return {n: np.abs(o.reshape(-1, o.shape[-1])).max(axis=0) for n, o in zip(names, outs)}
+
+
+def smooth_and_convert(model, manifest, ids: list[int], *, alpha: float = ALPHA, exclude=lambda name: False,
+                       convert: bool = True) -> dict:
+    """Fold smoothing into `model` (float32, in place) and make qkv, o_proj and gate|up DynamicQuantizeMatMul.
+
+    `convert=False` stops after the folding (the same function, float weights): what tests check.
+    Returns what was done (for the manifest). Raises QuantizeError when no layer has the expected form.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = _inits(model)
+    nodes = {n.name: n for n in model.graph.node}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            consumers[x] = consumers.get(x, 0) + 1
+    kv, head_dim = manifest.architecture.num_kv_heads, manifest.architecture.head_dim
+
+    plans = []  # (MatMul node, how its input's scale is folded)
+    for layer in range(manifest.architecture.num_layers):
+        # o_proj first: its scale is folded into qkv's V columns while qkv is still float.
+        for part in ("attn/o_proj", "attn/qkv_proj", "mlp/up_proj"):
+            node = nodes.get(f"/model/layers.{layer}/{part}/MatMul")
+            if node is None or node.input[1] not in inits or exclude(node.name):
+                continue
+            plans.append((layer, part, node))
+    if not plans:
+        raise QuantizeError("int8-dynamic needs a graph made by onnxllm's exporter (fused qkv_proj / up_proj "
+                            "MatMuls); this package has none: use --scheme int8")
+    ranges = activation_ranges(model, manifest, ids, sorted({n.input[0] for _, _, n in plans}))
+
+    converted = []
+    for layer, part, node in plans:
+        w = _get(inits, node.input[1])  # (K, N)
+        s = np.clip(ranges[node.input[0]], 1e-5, None) ** alpha / np.clip(np.abs(w).max(axis=1), 1e-5, None) ** (1 - alpha)
+        src = producer.get(node.input[0])
+        if part == "attn/o_proj":
+            qkv = nodes.get(f"/model/layers.{layer}/attn/qkv_proj/MatMul")
+            if src is None or src.op_type != "GroupQueryAttention" or qkv is None or qkv.input[1] not in inits:
+                continue
+            wq = _get(inits, qkv.input[1])
+            heads = wq.shape[1] // head_dim - 2 * kv
+            if heads * head_dim != w.shape[0] or heads % kv:
+                continue
+            s_kv = s.reshape(kv, heads // kv, head_dim).max(axis=1)  # one scale per V channel
+            s = np.repeat(s_kv, heads // kv, axis=0).reshape(-1)  # query head h reads KV head h // (heads/kv)
+            v = slice((heads + kv) * head_dim, None)
+            wq[:, v] /= s_kv.reshape(-1)[None]
+            _put(inits, qkv.input[1], wq)
+            bias = next((n for n in model.graph.node if n.op_type == "Add" and qkv.output[0] in n.input), None)
+            if bias is not None and any(x in inits for x in bias.input):
+                b_name = next(x for x in bias.input if x in inits)
+                b = _get(inits, b_name)
+                b[v] /= s_kv.reshape(-1)
+                _put(inits, b_name, b)
+        else:
+            if src is None or src.op_type not in _NORMS or consumers.get(node.input[0], 0) != 1:
+                continue
+            w_index, b_index = _NORMS[src.op_type]
+            gamma = src.input[w_index]
+            if gamma not in inits or consumers.get(gamma, 0) != 1:
+                continue
+            _put(inits, gamma, _get(inits, gamma) / s)
+            if b_index is not None and len(src.input) > b_index and src.input[b_index] in inits:
+                _put(inits, src.input[b_index], _get(inits, src.input[b_index]) / s)
+        w = w * s[:, None]
+        if not convert:
+            _put(inits, node.input[1], w)
+            converted.append(node.name)
+            continue
+        scale = np.abs(w).max(axis=0) / 127.0
+        scale[scale == 0] = 1.0
+        _put(inits, node.input[1], np.clip(np.round(w / scale), -127, 127).astype(np.int8))
+        model.graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), node.input[1] + "_scale"))
+        replacement = helper.make_node("DynamicQuantizeMatMul", [node.input[0], node.input[1], node.input[1] + "_scale"],
+                                       list(node.output), name=node.name + "_DQ", domain="com.microsoft")
+        node.CopyFrom(replacement)
+        converted.append(replacement.name)
+    if not converted:
+        raise QuantizeError("int8-dynamic found no product it can smooth exactly in this graph; use --scheme int8")
+    return {"operator": "com.microsoft.DynamicQuantizeMatMul", "smoothing_alpha": alpha,
+            "calibration_tokens": len(ids), "converted": len(converted),
+            "rest": "down_proj, lm_head and embedding as in int8 (MatMulNBits / GatherBlockQuantized, 8-bit)"}
