@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -197,3 +198,14 @@ def test_eval_caps_tokens_at_the_context(tiny_llama, tmp_path):
     text.write_text("the theory of everything " * 400)
     proc = cli("eval", tiny_llama, "--text", text, "--tokens", "1000")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_quantize_int8_dynamic_then_run_it(tiny_llama, tmp_path):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_llama, pkg)
+    proc = cli("quantize", pkg, "--scheme", "int8-dynamic", "--no-eval")
+    assert proc.returncode == 0, proc.stderr
+    assert (pkg / "onnx" / "model_int8_dynamic.onnx").is_file()
+    run = cli("run", pkg, "the cat", "--variant", "int8-dynamic", "--max-tokens", "5", "--json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["tokens"]

@@ -512,6 +512,7 @@ def test_int8_dynamic_smooths_exactly_and_stays_close(package, model_type):
     assert ops.count("DynamicQuantizeMatMul") == 3 * arch.num_layers  # qkv, o_proj, gate|up per layer
     assert ops.count("MatMulNBits") == arch.num_layers + 1  # down_proj per layer, lm_head
     assert result.method["dynamic"]["converted"] == 3 * arch.num_layers
+    assert result.method["operator"] == "com.microsoft.DynamicQuantizeMatMul + MatMulNBits"
     # Smoothing only moves scale between factors; with int8 rounding the logits stay as close as int8's.
     assert rel_rms(logits(pkg, "fp32", IDS), logits(pkg, "int8-dynamic", IDS)) < TOLERANCE["int8"] * 2
 

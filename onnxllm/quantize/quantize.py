@@ -430,7 +430,8 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
         plain = "fp32" if dtype == "float32" else "fp16"
         method = {
             "quantizer": "onnxruntime.quantization MatMulNBitsQuantizer (DefaultWeightOnlyQuantConfig)",
-            "operator": f"{MS_DOMAIN}.MatMulNBits", "bits": spec.bits, "block_size": block_size,
+            "operator": (f"{MS_DOMAIN}.DynamicQuantizeMatMul + MatMulNBits" if dynamic else f"{MS_DOMAIN}.MatMulNBits"),
+            "bits": spec.bits, "block_size": block_size,
             "symmetric": symmetric, "accuracy_level": accuracy_level,
             "base": base, "dtype": dtype, "scales_dtype": dtype,
             "lm_head": {"bits": head_bits if "lm_head" in kinds else 0,
