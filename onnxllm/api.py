@@ -44,13 +44,16 @@ def pull(name: str, *, progress: Progress | None = None) -> Path:
     target = cache_dir() / entry.name
     # Two first runs at once (two terminals, two app instances) must not export into one folder.
     with exclusive(cache_dir() / f".{entry.name}.lock"):
+        wanted = {entry.default_variant, entry.fallback_variant} - {None}
         if (target / "onnxllm.json").is_file():
-            if entry.default_variant in read_manifest(target).variants:
+            if wanted & set(read_manifest(target).variants):  # a cache made by an older release is kept
                 return target
         else:
             _require_exporter(f"the first run of {entry.name!r}")
             export(entry.name, target, force=True, progress=progress)
-        quantize(target, entry.default_variant, progress=progress)
+        result = quantize(target, entry.default_variant, progress=progress)
+        if entry.fallback_variant and not result.meets_targets:
+            quantize(target, entry.fallback_variant, progress=progress)
     return target
 
 
