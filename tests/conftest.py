@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -51,3 +52,28 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     from _tiny import make_tiny_package
 
     return make_tiny_package(tmp_path_factory.mktemp("tiny_gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_packages(tmp_path_factory):
+    """One exported package per model type, made once; tests copy it before changing anything."""
+    from _tiny import make_tiny_package
+
+    made: dict[str, Path] = {}
+
+    def get(model_type: str = "llama") -> Path:
+        if model_type not in made:
+            made[model_type] = make_tiny_package(tmp_path_factory.mktemp(model_type), model_type)
+        return made[model_type]
+
+    return get
+
+
+@pytest.fixture
+def package(tiny_packages, tmp_path):
+    def copy(model_type: str = "llama") -> Path:
+        dst = tmp_path / f"pkg-{model_type}"
+        shutil.copytree(tiny_packages(model_type), dst)
+        return dst
+
+    return copy

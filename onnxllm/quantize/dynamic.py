@@ -94,10 +94,10 @@ def smooth_and_convert(model, manifest, ids: list[int], *, alpha: float = ALPHA,
     inits = _inits(model)
     nodes = {n.name: n for n in model.graph.node}
     producer = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, int] = {}
+    users: dict[str, list] = {}  # tensor name -> the nodes that read it
     for n in model.graph.node:
         for x in n.input:
-            consumers[x] = consumers.get(x, 0) + 1
+            users.setdefault(x, []).append(n)
     kv, head_dim = manifest.architecture.num_kv_heads, manifest.architecture.head_dim
 
     plans = []  # (MatMul node, how its input's scale is folded)
@@ -131,18 +131,17 @@ def smooth_and_convert(model, manifest, ids: list[int], *, alpha: float = ALPHA,
             v = slice((heads + kv) * head_dim, None)
             wq[:, v] /= s_kv.reshape(-1)[None]
             _put(inits, qkv.input[1], wq)
-            bias = next((n for n in model.graph.node if n.op_type == "Add" and qkv.output[0] in n.input), None)
-            if bias is not None and any(x in inits for x in bias.input):
-                b_name = next(x for x in bias.input if x in inits)
-                b = _get(inits, b_name)
+            bias = next((x for n in users.get(qkv.output[0], []) if n.op_type == "Add" for x in n.input if x in inits), None)
+            if bias is not None:  # qkv bias (Qwen2, GPT-2): its V part scales with the V columns
+                b = _get(inits, bias)
                 b[v] /= s_kv.reshape(-1)
-                _put(inits, b_name, b)
+                _put(inits, bias, b)
         else:
-            if src is None or src.op_type not in _NORMS or consumers.get(node.input[0], 0) != 1:
+            if src is None or src.op_type not in _NORMS or len(users.get(node.input[0], [])) != 1:
                 continue
             w_index, b_index = _NORMS[src.op_type]
             gamma = src.input[w_index]
-            if gamma not in inits or consumers.get(gamma, 0) != 1:
+            if gamma not in inits or len(users.get(gamma, [])) != 1:
                 continue
             _put(inits, gamma, _get(inits, gamma) / s)
             if b_index is not None and len(src.input) > b_index and src.input[b_index] in inits:

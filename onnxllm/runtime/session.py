@@ -47,7 +47,8 @@ def _device_of(providers: Sequence[str]) -> tuple[str, int]:
 class DecoderSession:
     """prefill/decode over a KV cache that remembers which tokens it holds (for prefix reuse)."""
 
-    def __init__(self, ort_session, manifest: Manifest, *, config: SessionConfig = SessionConfig(), context: int | None = None):
+    def __init__(self, ort_session, manifest: Manifest, *, config: SessionConfig = SessionConfig(), context: int | None = None,
+                 fixed_keep=None):
         import onnxruntime as ort
 
         self._ort = ort
@@ -68,7 +69,10 @@ class DecoderSession:
         # among the overridable initializers, not the inputs; IO binding cannot bind those.
         overridable = {i.name for i in ort_session.get_overridable_initializers()}
         self._keep_name = self.io.logits_to_keep if self.io.logits_to_keep in overridable else None
-        self._keep_fixed = self._keep_name is not None and not config.all_logits
+        # open_session fixes it to 1 through SessionOptions.add_initializer; ORT borrows that OrtValue,
+        # so it must live as long as the session.
+        self._keep_value = fixed_keep
+        self._keep_fixed = self._keep_name is not None and fixed_keep is not None
         self.tokens: list[int] = []  # what the cache holds, position by position
         self._kv: list = []  # OrtValues: [k0, v0, k1, v1, ...]
         self._capacity = 0
@@ -262,6 +266,4 @@ def open_session(onnx_path: Path, manifest: Manifest, *, providers: list, option
         raise InvalidPackageError(
             f"ONNX Runtime cannot load {onnx_path}: {first[:300]}; the file may be truncated or corrupt: re-export it"
         ) from None
-    decoder = DecoderSession(sess, manifest, config=config, context=context)
-    decoder._keep_value = keep_value  # ORT borrows the value: it must live as long as the session
-    return decoder
+    return DecoderSession(sess, manifest, config=config, context=context, fixed_keep=keep_value)
