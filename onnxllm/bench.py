@@ -1,7 +1,10 @@
 """`onnxllm bench`: prefill/decode speed, time to first token, load time and peak memory.
 
 Medians over runs after one warm-up, greedy, batch 1, printed with the machine, the versions and
-the execution provider, so a figure always travels with what produced it.
+the execution provider, so a figure always travels with what produced it. Tokens come from the same
+loop as generation (`generate_tokens`), prompt-lookup drafts included unless --draft-tokens 0; how many
+drafted tokens the model accepted is printed beside the speed, since that is what the gain rests on.
+Random token ids make a prompt with nothing to look up; --text gives a real one.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import GenerationError
+from .runtime.generate import GenerationConfig, Timings, generate_tokens
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,8 @@ class BenchOptions:
     threads: int | None = None
     device: str = "auto"
     seed: int = 0
+    draft_tokens: int = 8  # 0: one token per decode step
+    text: str | None = None  # prompts from this text (repeated as needed) instead of random ids
 
 
 def peak_rss_mib() -> float:
@@ -59,17 +65,25 @@ def machine_info() -> dict:
             "onnxruntime": ort.__version__, "onnxllm": __version__}
 
 
-def _one_run(session, prompt: list[int], gen_tokens: int) -> tuple[float, float]:
+def _one_run(session, prompt: list[int], gen_tokens: int, draft_tokens: int) -> tuple[float, float, Timings]:
+    """Greedy, exactly gen_tokens new tokens (no EOS stop): (prefill s, decode s, timings)."""
     session.rewind(0)
-    session.reserve(len(prompt) + gen_tokens)
-    start = time.perf_counter()
-    logits = session.forward(prompt)
-    prefill = time.perf_counter() - start
-    token = int(np.argmax(logits))
-    start = time.perf_counter()
-    for _ in range(gen_tokens - 1):
-        token = int(np.argmax(session.forward([token])))
-    return prefill, time.perf_counter() - start
+    config = GenerationConfig(max_tokens=gen_tokens, draft_tokens=draft_tokens)
+    last = None
+    for last in generate_tokens(session, prompt, config):
+        pass
+    t = last.timings
+    return t.prefill_s, t.decode_s, t
+
+
+def _prompt(m, length: int, options: BenchOptions, rng: np.random.Generator) -> list[int]:
+    if options.text is None:
+        vocab = m.manifest.architecture.vocab_size
+        return rng.integers(min(100, vocab - 1), vocab, size=length).tolist()
+    ids = m.encode(options.text)
+    if not ids:
+        raise GenerationError("--text has no tokens; give a file with some text in it")
+    return (ids * (length // len(ids) + 1))[:length]
 
 
 def run_bench(model: str, options: BenchOptions = BenchOptions(), *, progress: Callable[[str], None] | None = None) -> dict:
@@ -83,24 +97,26 @@ def run_bench(model: str, options: BenchOptions = BenchOptions(), *, progress: C
         raise GenerationError(f"prompt {max(options.prompt_tokens)} + {options.gen_tokens} new tokens exceed the "
                               f"context of {m.session.context}; use shorter --prompt-tokens or --gen-tokens")
     rng = np.random.default_rng(options.seed)
-    vocab = m.manifest.architecture.vocab_size
     rows = []
     for length in options.prompt_tokens:
-        prompt = rng.integers(min(100, vocab - 1), vocab, size=length).tolist()
+        prompt = _prompt(m, length, options, rng)
         if progress:
             progress(f"prompt {length} tokens, {options.gen_tokens} new, {options.runs} runs (+1 warm-up)")
-        _one_run(m.session, prompt, min(options.gen_tokens, 8))
+        _one_run(m.session, prompt, min(options.gen_tokens, 8), options.draft_tokens)
         prefills, decodes = [], []
         for _ in range(options.runs):
-            p, d = _one_run(m.session, prompt, options.gen_tokens)
+            p, d, t = _one_run(m.session, prompt, options.gen_tokens, options.draft_tokens)
             prefills.append(p)
             decodes.append(d)
         p, d = statistics.median(prefills), statistics.median(decodes)
         rows.append({"prompt_tokens": length, "gen_tokens": options.gen_tokens,
                      "prefill_tokens_per_s": round(length / p, 1), "time_to_first_token_ms": round(1000 * p, 1),
-                     "decode_tokens_per_s": round((options.gen_tokens - 1) / d, 1)})
+                     "decode_tokens_per_s": round((options.gen_tokens - 1) / d, 1),
+                     "decode_passes": t.decode_passes, "drafted_tokens": t.drafted_tokens,
+                     "accepted_tokens": t.accepted_tokens})
     return {"model": str(m.root), "variant": m.variant, "device": m.providers.device,
             "providers": m.session.session.get_providers(), "threads": options.threads or "all cores",
+            "draft_tokens": options.draft_tokens, "prompts": "random token ids" if options.text is None else "text",
             "load_s": round(load_s, 3), "peak_rss_mib": round(peak_rss_mib(), 1), "results": rows,
             "machine": machine_info(), "command": " ".join(["onnxllm", *sys.argv[1:]]) if sys.argv else ""}
 
@@ -108,14 +124,16 @@ def run_bench(model: str, options: BenchOptions = BenchOptions(), *, progress: C
 def format_bench(r: dict) -> str:
     mc = r["machine"]
     lines = [
-        f"model {r['model']}  variant {r['variant']}  device {r['device']}  threads {r['threads']}",
+        (f"model {r['model']}  variant {r['variant']}  device {r['device']}  threads {r['threads']}  "
+         f"draft tokens {r['draft_tokens']}  prompts: {r['prompts']}"),
         f"machine: {mc['cpu']}, {mc['cores']} cores; python {mc['python']}, onnxruntime {mc['onnxruntime']}, "
         f"onnxllm {mc['onnxllm']}",
         f"load {r['load_s']:.2f} s   peak RSS {r['peak_rss_mib']:.0f} MiB",
-        "| prompt | prefill tok/s | first token ms | decode tok/s |",
-        "|---:|---:|---:|---:|",
+        "| prompt | prefill tok/s | first token ms | decode tok/s | model passes | drafts accepted |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["results"]:
         lines.append(f"| {row['prompt_tokens']} | {row['prefill_tokens_per_s']} | {row['time_to_first_token_ms']} | "
-                     f"{row['decode_tokens_per_s']} |")
+                     f"{row['decode_tokens_per_s']} | {row['decode_passes']} | "
+                     f"{row['accepted_tokens']}/{row['drafted_tokens']} |")
     return "\n".join(lines)

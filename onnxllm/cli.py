@@ -145,7 +145,8 @@ def _print_stats(timings) -> None:
         click.style(
             f"\n[prompt {t['prompt_tokens']} tok ({t['cached_tokens']} cached), prefill {t['prefill_tokens_per_s']} tok/s, "
             f"first token {1000 * t['time_to_first_token_s']:.0f} ms, {t['generated_tokens']} tok at "
-            f"{t['decode_tokens_per_s']} tok/s]", dim=True),
+            f"{t['decode_tokens_per_s']} tok/s; {t['accepted_tokens']}/{t['drafted_tokens']} drafted tokens accepted]",
+            dim=True),
         err=True,
     )
 
@@ -214,6 +215,8 @@ def generation_options(fn):
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
         click.option("--context-overflow", type=click.Choice(["error", "truncate"]),
                      help="When a chat outgrows the context: fail (default) or drop the oldest turns."),
+        click.option("--draft-tokens", type=int,
+                     help="Speculative decoding by prompt lookup: most tokens guessed per step (default 8; 0 = off)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -327,9 +330,13 @@ def eval_cmd(package, variant, text_file, tokens):
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--threads", type=click.IntRange(1))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "dml"]), default="auto", show_default=True)
+@click.option("--draft-tokens", type=click.IntRange(0, 64), default=8, show_default=True,
+              help="Prompt-lookup draft tokens per step, as generation uses them (0 = one token per step).")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
+              help="Take the prompts from this UTF-8 text (default: random token ids).")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def bench(model, variant, prompt_tokens, gen_tokens, runs, threads, device, as_json):
+def bench(model, variant, prompt_tokens, gen_tokens, runs, threads, device, draft_tokens, text_file, as_json):
     """Prefill and decode tokens/s, time to first token, load time, peak memory."""
     from .bench import BenchOptions, format_bench, run_bench
 
@@ -339,8 +346,16 @@ def bench(model, variant, prompt_tokens, gen_tokens, runs, threads, device, as_j
         raise OnnxLLMError(f"--prompt-tokens takes comma-separated integers like 64,512, got {prompt_tokens!r}") from None
     if not lengths or min(lengths) < 1:
         raise OnnxLLMError(f"--prompt-tokens must list lengths >= 1, got {prompt_tokens!r}")
+    text = None
+    if text_file:
+        with open(text_file, "rb") as f:
+            try:
+                text = f.read().decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise OnnxLLMError(f"{text_file} is not UTF-8 text (byte {exc.start})") from None
     result = run_bench(model, BenchOptions(variant=variant, prompt_tokens=lengths, gen_tokens=gen_tokens, runs=runs,
-                                           threads=threads, device=device), progress=_progress)
+                                           threads=threads, device=device, draft_tokens=draft_tokens, text=text),
+                       progress=_progress)
     click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
 
 

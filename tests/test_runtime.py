@@ -16,8 +16,6 @@ import onnxllm
 from onnxllm.errors import ContextOverflowError, GenerationError, InvalidPackageError
 from onnxllm.runtime.generate import GenerationConfig, generate_tokens, stream_text
 from onnxllm.runtime.model import LoadOptions, load_package
-from onnxllm.runtime.providers import session_options
-from onnxllm.runtime.session import SessionConfig, open_session
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -155,26 +153,35 @@ def test_cached_decode_equals_full_recompute(tiny_llama):
     ids = m.encode("the quick brown fox jumps over the lazy dog")
     s = m.session
     s.rewind(0)
-    with pytest.raises(GenerationError, match="last position"):
-        s.forward(ids, all_logits=True)  # the default session fixes num_logits_to_keep to 1
-    all_logits = open_session(m.root / m.manifest.variants[m.variant].file, m.manifest, providers=["CPUExecutionProvider"],
-                              options=session_options(), config=SessionConfig(all_logits=True))
-    full = all_logits.forward(ids, all_logits=True)
+    full = s.forward(ids, all_logits=True)
+    assert full.shape == (len(ids), m.manifest.architecture.vocab_size)
     s.rewind(0)
     step = [s.forward(ids[:4])]
     step += [s.forward([t]) for t in ids[4:]]
     np.testing.assert_allclose(np.stack(step), full[3:], atol=1e-5)
+    # A few tokens after a cached prefix, every position's logits (a speculative check), then one again.
+    s.rewind(5)
+    np.testing.assert_allclose(s.forward(ids[5:9], all_logits=True), full[5:9], atol=1e-5)
+    np.testing.assert_allclose(s.forward(ids[9:10]), full[9], atol=1e-5)
 
 
-def test_prefill_computes_only_the_last_positions_logits(tiny_llama):
-    # ORT lists num_logits_to_keep (an input with a default) as an overridable initializer, which IO
-    # binding cannot bind: the session fixes it to 1 when it is made, so a prompt's prefill yields one row.
-    m = onnxllm.load(tiny_llama)
+@pytest.mark.parametrize("io_binding", [True, False])
+def test_prefill_computes_only_the_last_positions_logits(tiny_llama, io_binding):
+    # num_logits_to_keep is an input with a default (0: every position), which ORT lists as an overridable
+    # initializer; the session binds 1 on every call, so a prompt's prefill computes one row of logits.
+    m = onnxllm.load(tiny_llama, io_binding=io_binding)
     ids = m.encode("the quick brown fox jumps over the lazy dog")
     m.session.rewind(0)
-    m.session.forward(ids)
-    (logits, *_) = m.session._binding.get_outputs()
-    assert logits.shape() == [1, 1, m.manifest.architecture.vocab_size]
+    seen = []
+    if io_binding:
+        m.session.forward(ids)
+        (logits, *_) = m.session._binding.get_outputs()
+        seen.append(logits.shape())
+    else:
+        run = m.session.session.run
+        m.session.session.run = lambda names, feed: (seen.append(feed[m.manifest.io.logits_to_keep].item()), run(names, feed))[1]
+        m.session.forward(ids)
+    assert seen == ([[1, 1, m.manifest.architecture.vocab_size]] if io_binding else [1])
 
 
 @pytest.mark.parametrize("kv_mode,io_binding", [("shared", False), ("growing", True), ("growing", False)])

@@ -22,6 +22,7 @@ from .common import (
     VENV_PY,
     gguf_path,
     hamlet_path,
+    onnxllm_scheme,
 )
 from .machine import _proc_stat, wait_for_quiet
 
@@ -107,8 +108,8 @@ class Runner:
             pkg = self.onnxllm_package()
             if pkg is None:
                 return None, "onnxllm export failed"
-            if not self.onnxllm_variant(pkg, variant):
-                return None, f"`onnxllm quantize --scheme {variant}` failed or is not available"
+            if not self.onnxllm_variant(pkg, onnxllm_scheme(variant)):
+                return None, f"`onnxllm quantize --scheme {onnxllm_scheme(variant)}` failed or is not available"
             return pkg, ""
         if runtime == "llamacpp":
             src = gguf_path()

@@ -43,6 +43,11 @@ def timed_runs(step_prefill, step_decode, reset, prompt: list[int], gen: int, ru
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, toks
 
+    return timed(once, prompt, gen, runs, warmup)
+
+
+def timed(once, prompt: list[int], gen: int, runs: int, warmup: bool = True) -> dict:
+    """once(n_new) -> (prefill s, decode s, tokens), run after a warm-up; medians + the last run's tokens."""
     if warmup:
         once(gen)
     pre, dec, toks = [], [], []
@@ -71,26 +76,40 @@ def _argmax(x) -> int:
 
 
 def worker_onnxllm(a) -> dict:
+    """onnxllm's own generation loop (generate_tokens: greedy, prompt-lookup drafts unless "/no-draft")."""
     import onnxruntime as ort
 
     import onnxllm
+    from onnxllm.runtime.generate import GenerationConfig, generate_tokens
+
+    from .common import NO_DRAFT, onnxllm_scheme
 
     t = time.perf_counter()
-    m = onnxllm.load(a.model, device="cpu", variant=a.variant, threads=a.threads)
+    m = onnxllm.load(a.model, device="cpu", variant=onnxllm_scheme(a.variant), threads=a.threads)
     load_s = time.perf_counter() - t
     s = m.session
-    total = max(a.prompt_lens) + a.gen
+    s.reserve(max(a.prompt_lens) + a.gen)
+    draft = 0 if a.variant.endswith(NO_DRAFT) else GenerationConfig().draft_tokens
+    passes = {}
 
-    def reset():
-        s.rewind(0)
-        s.reserve(total)
+    def once_for(prompt):
+        def once(n_new: int):
+            s.rewind(0)
+            events = list(generate_tokens(s, prompt, GenerationConfig(max_tokens=n_new, draft_tokens=draft)))
+            timings = events[-1].timings
+            passes[len(prompt)] = {"decode_passes": timings.decode_passes, "drafted_tokens": timings.drafted_tokens,
+                                   "accepted_tokens": timings.accepted_tokens}
+            return timings.prefill_s, timings.decode_s, [e.token for e in events if e.token is not None]
+        return once
 
-    res = [timed_runs(lambda p: _argmax(s.forward(p)), lambda tok: _argmax(s.forward([tok])), reset,
-                      prompt, a.gen, a.runs) for prompt in a.prompts]
+    res = []
+    for prompt in a.prompts:
+        r = timed(once_for(prompt), prompt, a.gen, a.runs)
+        res.append({**r, **passes[len(prompt)]})
     var = m.manifest.variants[m.variant]
     files = [Path(m.root) / var.file] + [Path(m.root) / var.file.replace(".onnx", ".onnx.data")]
     return {"load_s": load_s, "results": res, "file_mib": size_mib(files), "variant_resolved": m.variant,
-            "versions": {"onnxllm": onnxllm.__version__, "onnxruntime": ort.__version__},
+            "draft_tokens": draft, "versions": {"onnxllm": onnxllm.__version__, "onnxruntime": ort.__version__},
             "providers": s.session.get_providers()}
 
 

@@ -1,7 +1,7 @@
 """Generation in three thin layers: token generator -> text stream -> blocking call.
 
-`generate_tokens` drives a session (prefill, then one decode step per token) and knows nothing
-about text; `stream_text` turns its tokens into UTF-8-safe text deltas and applies stop strings;
+`generate_tokens` drives a session (prefill, then decode steps: one token each, or a speculative
+check of tokens drafted by prompt lookup) and knows nothing about text; `stream_text` turns its tokens into UTF-8-safe text deltas and applies stop strings;
 the Model's `generate` just collects the stream.
 """
 
@@ -17,7 +17,8 @@ import numpy as np
 
 from ..errors import GenerationError
 from .detokenizer import StreamingDetokenizer
-from .sampling import make_logits_processors, make_sampler, validate_sampling
+from .lookup import PromptLookup
+from .sampling import make_logits_processors, make_sampler, make_verifier, validate_sampling
 
 FINISH_REASONS = ("stop", "length", "eos", "cancelled")
 
@@ -38,6 +39,10 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     # "error": prompt + max_tokens beyond the context is an error; "truncate": chats drop oldest turns.
     context_overflow: str = "error"
+    # Speculative decoding by prompt lookup (lookup.py): up to this many tokens guessed from earlier text
+    # and checked in one pass; the model's own logits decide every token, so the output keeps the
+    # model's distribution (greedy: the same tokens, up to float rounding). 0 turns it off.
+    draft_tokens: int = 8
 
     def updated(self, **options) -> "GenerationConfig":
         known = {f.name for f in fields(self)}
@@ -61,6 +66,8 @@ class GenerationConfig:
                 raise GenerationError(f"{name} must be a finite number, got {value!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise GenerationError("stop strings must be non-empty strings")
+        if isinstance(self.draft_tokens, bool) or not isinstance(self.draft_tokens, int) or not 0 <= self.draft_tokens <= 64:
+            raise GenerationError(f"draft_tokens must be an integer from 0 (off) to 64, got {self.draft_tokens!r}")
         if self.context_overflow not in ("error", "truncate"):
             raise GenerationError(f"context_overflow must be 'error' or 'truncate', got {self.context_overflow!r}")
         return self
@@ -73,6 +80,9 @@ class Timings:
     generated_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    decode_passes: int = 0  # model calls after the prefill: generated - 1 without drafts, fewer with
+    drafted_tokens: int = 0  # tokens guessed by prompt lookup and checked
+    accepted_tokens: int = 0  # of those, the ones the model agreed with
 
     @property
     def time_to_first_token_s(self) -> float:
@@ -96,6 +106,8 @@ class Timings:
             "decode_s": round(self.decode_s, 4), "time_to_first_token_s": round(self.time_to_first_token_s, 4),
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 1),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 1),
+            "decode_passes": self.decode_passes, "drafted_tokens": self.drafted_tokens,
+            "accepted_tokens": self.accepted_tokens,
         }
 
 
@@ -121,8 +133,9 @@ class Session(Protocol):
     """What the generator needs from a decoder session (a fake with scripted logits fits too)."""
 
     tokens: list[int]
+    can_verify: bool  # optional: True when forward(ids, all_logits=True) and rewind are cheap
 
-    def forward(self, ids: Sequence[int]) -> np.ndarray: ...
+    def forward(self, ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray: ...
     def common_prefix(self, ids: Sequence[int]) -> int: ...
     def rewind(self, n: int) -> None: ...
     def reserve(self, total: int) -> None: ...
@@ -137,8 +150,12 @@ class TokenEvent:
 
 def generate_tokens(session: Session, prompt_ids: Sequence[int], config: GenerationConfig, *,
                     eos_ids: Sequence[int] = (), cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
-    """Prefill `prompt_ids` (reusing the cached prefix), then decode one token per step.
+    """Prefill `prompt_ids` (reusing the cached prefix), then decode until eos, max_tokens or cancel.
 
+    Each decode pass feeds the last token, plus, with `config.draft_tokens`, the tokens prompt lookup
+    guesses will follow it; the logits at each fed position accept a guess or give the token that
+    replaces it, and the cache is rewound past the first rejected guess. The draft length adapts: two
+    more after a pass that accepted all, one fewer after a miss (as in transformers' assisted decoding).
     The last event has token None and a finish_reason: eos, length or cancelled.
     """
     if not prompt_ids:
@@ -149,44 +166,70 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
     cached = min(session.common_prefix(prompt_ids), len(prompt_ids) - 1)
     session.rewind(cached)
     rng = np.random.default_rng(config.seed)
-    sample = make_sampler(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                          min_p=config.min_p, rng=rng)
+    options = {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p, "min_p": config.min_p,
+               "rng": rng}
+    sample, verify = make_sampler(**options), make_verifier(**options)
     process = make_logits_processors(repetition_penalty=config.repetition_penalty,
                                      presence_penalty=config.presence_penalty,
                                      frequency_penalty=config.frequency_penalty)
     penalties = (config.repetition_penalty != 1.0 or config.presence_penalty != 0.0
                  or config.frequency_penalty != 0.0)
     history = list(prompt_ids)
+    lookup = PromptLookup(prompt_ids) if config.draft_tokens and getattr(session, "can_verify", False) else None
+    draft_len = min(4, config.draft_tokens)
     eos = set(eos_ids)
+    generated = passes = drafted = accepted = 0
 
-    def timings(generated: int, prefill_s: float, decode_s: float) -> Timings:
-        return Timings(len(prompt_ids), cached, generated, prefill_s, decode_s)
+    def timings(prefill_s: float, decode_s: float) -> Timings:
+        return Timings(len(prompt_ids), cached, generated, prefill_s, decode_s, passes, drafted, accepted)
+
+    def processed(logits: np.ndarray, pending: list[int]) -> np.ndarray:
+        return process(logits, history + pending, len(prompt_ids)) if penalties else logits
 
     start = time.perf_counter()
     if cancel is not None and cancel.is_set():
-        yield TokenEvent(None, "cancelled", timings(0, 0.0, 0.0))
+        yield TokenEvent(None, "cancelled", timings(0.0, 0.0))
         return
     logits = session.forward(prompt_ids[cached:])
     prefill_s = time.perf_counter() - start
     decode_start = time.perf_counter()
-    generated = 0
+    pending = [sample(processed(logits, []))]  # tokens chosen, not yet given out
     while True:
-        if penalties:
-            logits = process(logits, history, len(prompt_ids))
-        token = sample(logits)
-        generated += 1
-        history.append(token)
-        if token in eos:
-            yield TokenEvent(None, "eos", timings(generated - 1, prefill_s, time.perf_counter() - decode_start))
-            return
-        yield TokenEvent(token, None, timings(generated, prefill_s, time.perf_counter() - decode_start))
-        if generated >= config.max_tokens:
-            yield TokenEvent(None, "length", timings(generated, prefill_s, time.perf_counter() - decode_start))
-            return
-        if cancel is not None and cancel.is_set():
-            yield TokenEvent(None, "cancelled", timings(generated, prefill_s, time.perf_counter() - decode_start))
-            return
-        logits = session.forward([token])
+        for token in pending:
+            if token in eos:
+                yield TokenEvent(None, "eos", timings(prefill_s, time.perf_counter() - decode_start))
+                return
+            generated += 1
+            history.append(token)
+            if lookup is not None:
+                lookup.append(token)
+            yield TokenEvent(token, None, timings(prefill_s, time.perf_counter() - decode_start))
+            if generated >= config.max_tokens:
+                yield TokenEvent(None, "length", timings(prefill_s, time.perf_counter() - decode_start))
+                return
+            if cancel is not None and cancel.is_set():
+                yield TokenEvent(None, "cancelled", timings(prefill_s, time.perf_counter() - decode_start))
+                return
+        last = pending[-1]  # given out, not yet in the cache
+        draft = lookup.draft(min(draft_len, config.max_tokens - generated - 1)) if lookup is not None else []
+        passes += 1
+        if not draft:
+            pending = [sample(processed(session.forward([last]), []))]
+            continue
+        base = len(session.tokens)
+        rows = session.forward([last, *draft], all_logits=True)  # rows[i]: the logits after draft[:i]
+        pending = []
+        for i, guess in enumerate(draft):
+            token, ok = verify(processed(rows[i], pending), guess)
+            pending.append(token)
+            if not ok:
+                session.rewind(base + 1 + i)  # drop the rejected guess and those after it
+                break
+        else:
+            pending.append(sample(processed(rows[-1], pending)))
+        drafted += len(draft)
+        accepted += len(pending) - 1
+        draft_len = min(draft_len + 2, config.draft_tokens) if len(pending) > len(draft) else max(1, draft_len - 1)
 
 
 def _stop_hit(text: str, stops: Sequence[str]) -> int | None:

@@ -16,7 +16,8 @@ from onnxllm.errors import GenerationError
 
 __all__ = [
     "apply_min_p", "apply_presence_frequency_penalty", "apply_repetition_penalty", "apply_temperature",
-    "apply_top_k", "apply_top_p", "make_logits_processors", "make_sampler", "softmax", "validate_sampling",
+    "apply_top_k", "apply_top_p", "make_logits_processors", "make_sampler", "make_verifier", "softmax",
+    "validate_sampling",
 ]
 
 Sampler = Callable[[np.ndarray], int]
@@ -199,6 +200,29 @@ def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     return idx
 
 
+def _greedy(logits: np.ndarray) -> int:
+    arr = _as_logits(logits)
+    if not np.isfinite(arr.max()):
+        raise GenerationError("logits have no finite maximum (all masked, NaN or +inf); cannot sample")
+    return int(np.argmax(arr))
+
+
+def _distribution(temperature: float, top_k: int, top_p: float, min_p: float) -> Callable:
+    """``dist(logits) -> (ids, probs)``: the tokens left after the masks (None: every token) and their
+    probabilities, after temperature, top-k, top-p and min-p in that order (HF's order)."""
+
+    def dist(logits: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        out = apply_temperature(logits, temperature)
+        idx = None
+        if 0 < top_k < out.size:
+            # Work on the k survivors only: the later steps then cost O(k), not O(vocabulary).
+            idx = np.flatnonzero(apply_top_k(out, top_k) > -np.inf)
+            out = out[idx]
+        return idx, softmax(apply_min_p(apply_top_p(out, top_p), min_p))
+
+    return dist
+
+
 def make_sampler(
     *,
     temperature: float = 0.0,
@@ -216,31 +240,62 @@ def make_sampler(
     global numpy RNG).
     """
     validate_sampling(temperature, top_k, top_p, min_p)
-
     if temperature == 0.0:
-
-        def greedy(logits: np.ndarray) -> int:
-            arr = _as_logits(logits)
-            if not np.isfinite(arr.max()):
-                raise GenerationError("logits have no finite maximum (all masked, NaN or +inf); cannot sample")
-            return int(np.argmax(arr))
-
-        return greedy
-
+        return _greedy
     generator = rng if rng is not None else np.random.default_rng()
+    dist = _distribution(temperature, top_k, top_p, min_p)
 
     def sample(logits: np.ndarray) -> int:
-        out = apply_temperature(logits, temperature)
-        idx = None
-        if 0 < top_k < out.size:
-            # Work on the k survivors only: the later steps then cost O(k), not O(vocabulary).
-            idx = np.flatnonzero(apply_top_k(out, top_k) > -np.inf)
-            out = out[idx]
-        out = apply_min_p(apply_top_p(out, top_p), min_p)
-        tok = _draw(softmax(out), generator)
+        idx, probs = dist(logits)
+        tok = _draw(probs, generator)
         return int(idx[tok]) if idx is not None else tok
 
     return sample
+
+
+def make_verifier(
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> Callable[[np.ndarray, int], tuple[int, bool]]:
+    """Return ``verify(logits, draft) -> (token, accepted)`` for speculative decoding.
+
+    Greedy: the argmax, accepted when it is the draft. Sampling (speculative sampling with a draft
+    that proposes one token for sure): the draft is accepted with its probability p(draft); otherwise
+    a token is drawn from p with the draft removed. Either way the token has exactly the
+    distribution ``make_sampler`` draws from, so drafting changes the speed, not the output's law.
+    """
+    validate_sampling(temperature, top_k, top_p, min_p)
+    if temperature == 0.0:
+
+        def verify_greedy(logits: np.ndarray, draft: int) -> tuple[int, bool]:
+            token = _greedy(logits)
+            return token, token == draft
+
+        return verify_greedy
+    generator = rng if rng is not None else np.random.default_rng()
+    dist = _distribution(temperature, top_k, top_p, min_p)
+
+    def verify(logits: np.ndarray, draft: int) -> tuple[int, bool]:
+        idx, probs = dist(logits)
+        if idx is None:
+            at = draft if 0 <= draft < probs.size else None
+        else:
+            hit = np.flatnonzero(idx == draft)
+            at = int(hit[0]) if hit.size else None
+        p = float(probs[at]) if at is not None else 0.0
+        if p > 0.0 and generator.random() < p:
+            return int(draft), True
+        if at is not None:
+            probs = probs.copy()
+            probs[at] = 0.0
+        tok = _draw(probs, generator)
+        return (int(idx[tok]) if idx is not None else tok), False
+
+    return verify
 
 
 def make_logits_processors(

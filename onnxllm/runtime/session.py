@@ -33,11 +33,6 @@ class SessionConfig:
     # memory follows what generations need, as with genai's max_length, instead of a fixed 1024 positions
     # (SmolLM2, fp32 KV: 46 KiB per position; 256 positions = 11.5 MiB).
     initial_capacity: int = 256
-    # Logits of the last position only, the generation loop's need: the graph's `num_logits_to_keep`
-    # is fixed to 1 when the session is made, so a prompt's prefill never computes (or copies) the
-    # other positions' logits (a 512-token prompt: 100 MB and a 49152x576 product per position).
-    # True keeps the input free, for callers that want every position (forward(all_logits=True)).
-    all_logits: bool = False
 
 
 def _device_of(providers: Sequence[str]) -> tuple[str, int]:
@@ -47,8 +42,7 @@ def _device_of(providers: Sequence[str]) -> tuple[str, int]:
 class DecoderSession:
     """prefill/decode over a KV cache that remembers which tokens it holds (for prefix reuse)."""
 
-    def __init__(self, ort_session, manifest: Manifest, *, config: SessionConfig = SessionConfig(), context: int | None = None,
-                 fixed_keep=None):
+    def __init__(self, ort_session, manifest: Manifest, *, config: SessionConfig = SessionConfig(), context: int | None = None):
         import onnxruntime as ort
 
         self._ort = ort
@@ -65,14 +59,13 @@ class DecoderSession:
         self._kv_dtype = _NP_DTYPES.get(manifest.kv_cache.dtype, np.float32)
         self._device = _device_of(ort_session.get_providers())
         self._check_io()
-        # The graph declares num_logits_to_keep as an input with a default initializer, which ORT lists
-        # among the overridable initializers, not the inputs; IO binding cannot bind those.
+        # The graph declares num_logits_to_keep as an input with a default initializer (0: every position),
+        # which ORT lists among the overridable initializers, not the inputs. Each call binds it: 1 for the
+        # generation loop (a 512-token prefill then computes one row of logits, not 512 x 49152), 0 for
+        # every fed position (a speculative check feeds a few tokens and needs each one's logits).
         overridable = {i.name for i in ort_session.get_overridable_initializers()}
         self._keep_name = self.io.logits_to_keep if self.io.logits_to_keep in overridable else None
-        # open_session fixes it to 1 through SessionOptions.add_initializer; ORT borrows that OrtValue,
-        # so it must live as long as the session.
-        self._keep_value = fixed_keep
-        self._keep_fixed = self._keep_name is not None and fixed_keep is not None
+        self._keep_values: dict[int, object] = {}  # 0 and 1 -> OrtValue, made once each
         self.tokens: list[int] = []  # what the cache holds, position by position
         self._kv: list = []  # OrtValues: [k0, v0, k1, v1, ...]
         self._capacity = 0
@@ -129,6 +122,11 @@ class DecoderSession:
         if self.config.kv_mode == "shared" and total > self._capacity:
             self._allocate(min(self.context, max(total, 2 * self._capacity)))
 
+    @property
+    def can_verify(self) -> bool:
+        """Whether speculative checks are cheap here: rewinding a shared cache costs nothing."""
+        return self.config.kv_mode == "shared"
+
     def forward(self, ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
         """Feed `ids` after the cached tokens; logits of the last position (vocab,), or all (len, vocab)."""
         ids = list(ids)
@@ -137,14 +135,9 @@ class DecoderSession:
         feed_ids = np.asarray([ids], dtype=np.int64)  # (1, S)
         positions = np.arange(start, start + len(ids), dtype=np.int64)[None]  # (1, S)
         mask = self._mask[:, : start + len(ids)]  # (1, T): a view, no allocation
-        if all_logits and self._keep_fixed:
-            raise GenerationError("this session computes the last position's logits only; "
-                                  "open it with SessionConfig(all_logits=True) for every position's")
-        keep = None
-        if self._keep_name is not None and not self._keep_fixed:
-            keep = np.array(0 if all_logits else 1, dtype=np.int64)
+        keep = 0 if all_logits else 1  # the graph's 0: every position
         if self.config.io_binding:
-            logits = self._run_bound(feed_ids, mask, positions)  # keep: fixed, or the default 0 (all)
+            logits = self._run_bound(feed_ids, mask, positions, keep)
         else:
             logits = self._run_plain(feed_ids, mask, positions, keep)
         self.tokens.extend(ids)
@@ -207,8 +200,16 @@ class DecoderSession:
             self._binding = binding
         return binding
 
-    def _run_bound(self, ids, mask, positions) -> np.ndarray:
+    def _keep(self, n: int):
+        value = self._keep_values.get(n)
+        if value is None:
+            value = self._keep_values[n] = self._ort.OrtValue.ortvalue_from_numpy(np.array(n, dtype=np.int64))
+        return value
+
+    def _run_bound(self, ids, mask, positions, keep: int) -> np.ndarray:
         binding = self._kv_binding()
+        if self._keep_name is not None:
+            binding.bind_ortvalue_input(self._keep_name, self._keep(keep))
         binding.bind_cpu_input(self.io.input_ids, ids)
         binding.bind_cpu_input(self.io.attention_mask, mask)
         binding.bind_cpu_input(self.io.position_ids, positions)
@@ -223,8 +224,8 @@ class DecoderSession:
     def _run_plain(self, ids, mask, positions, keep) -> np.ndarray:
         """Without IO binding: numpy in, numpy out (the reference path the bound one is tested against)."""
         feed = {self.io.input_ids: ids, self.io.attention_mask: np.ascontiguousarray(mask), self.io.position_ids: positions}
-        if keep is not None:
-            feed[self._keep_name] = keep
+        if self._keep_name is not None:
+            feed[self._keep_name] = np.array(keep, dtype=np.int64)
         kept = len(self.tokens)
         for i in range(self.num_layers):
             pk, pv, _, _ = self._names(i)
@@ -255,10 +256,6 @@ def open_session(onnx_path: Path, manifest: Manifest, *, providers: list, option
     """An InferenceSession over a package's .onnx; ORT errors become InvalidPackageError."""
     import onnxruntime as ort
 
-    keep_name, keep_value = manifest.io.logits_to_keep, None
-    if keep_name and not config.all_logits:
-        keep_value = ort.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64))
-        options.add_initializer(keep_name, keep_value)
     try:
         sess = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile classes, not a common base
@@ -266,4 +263,4 @@ def open_session(onnx_path: Path, manifest: Manifest, *, providers: list, option
         raise InvalidPackageError(
             f"ONNX Runtime cannot load {onnx_path}: {first[:300]}; the file may be truncated or corrupt: re-export it"
         ) from None
-    return DecoderSession(sess, manifest, config=config, context=context, fixed_keep=keep_value)
+    return DecoderSession(sess, manifest, config=config, context=context)

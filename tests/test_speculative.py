@@ -1,0 +1,198 @@
+"""Speculative decoding by prompt lookup: the drafts, the check, and that the output stays the model's."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import onnxllm
+from onnxllm.errors import GenerationError
+from onnxllm.runtime.generate import GenerationConfig, generate_tokens
+from onnxllm.runtime.lookup import PromptLookup
+from onnxllm.runtime.sampling import make_verifier, softmax
+
+from test_cli import cli
+
+
+class VerifyingFakeSession:
+    """Scripted logits that depend on the last token only (token t -> script.get(t, t + 1)), with the
+    speculative interface: forward(ids, all_logits=True) gives each fed position's logits."""
+
+    can_verify = True
+
+    def __init__(self, vocab=16, script=None):
+        self.vocab, self.script = vocab, script or {}
+        self.tokens: list[int] = []
+        self.fed: list[list[int]] = []
+
+    def _logits(self, last):
+        out = np.linspace(0.0, 1.0, self.vocab, dtype=np.float32)
+        out[self.script.get(last, (last + 1) % self.vocab)] = 5.0
+        return out
+
+    def forward(self, ids, *, all_logits=False):
+        self.fed.append(list(ids))
+        start = len(self.tokens)
+        self.tokens.extend(ids)
+        rows = np.stack([self._logits(self.tokens[i]) for i in range(start, len(self.tokens))])
+        return rows if all_logits else rows[-1]
+
+    def common_prefix(self, ids):
+        n = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def rewind(self, n):
+        self.tokens = self.tokens[:n]
+
+    def reserve(self, total):
+        pass
+
+
+def _tokens(events):
+    return [e.token for e in events if e.token is not None]
+
+
+# -- the drafts ------------------------------------------------------------------------------------
+def test_lookup_drafts_what_followed_the_latest_longest_match():
+    lk = PromptLookup([1, 2, 3, 4, 9, 2, 3, 5, 7, 2, 3])
+    assert lk.draft(2) == [5, 7]  # "2 3" last seen before 5 7 (the latest occurrence wins over 2 3 4)
+    lk.append(4)
+    assert lk.draft(3) == [9, 2, 3]  # "2 3 4" (3-gram) beats "3 4"/"4" and points at the first occurrence
+    assert lk.draft(0) == []
+    assert PromptLookup([1, 2, 3]).draft(4) == []  # nothing repeats
+    assert PromptLookup([5, 6, 5]).draft(4) == [6, 5, 6, 5]  # a 1-gram match; a loop is drafted as a loop
+    assert PromptLookup([1, 2, 3, 1, 2]).draft(5) == [3, 1, 2, 3, 1]
+
+
+# -- the check ----------------------------------------------------------------------------------
+def test_greedy_drafts_give_the_same_tokens_in_fewer_passes():
+    script = {3: 1}  # 1 2 3 1 2 3 ...: a loop prompt lookup predicts
+    plain = list(generate_tokens(VerifyingFakeSession(script=script), [1, 2, 3], GenerationConfig(max_tokens=30, draft_tokens=0)))
+    session = VerifyingFakeSession(script=script)
+    drafted = list(generate_tokens(session, [1, 2, 3], GenerationConfig(max_tokens=30, draft_tokens=8)))
+    assert _tokens(drafted) == _tokens(plain) == [1, 2, 3] * 10
+    t = drafted[-1].timings
+    assert t.decode_passes < 10 and t.accepted_tokens == t.drafted_tokens > 0
+    assert t.decode_passes + t.accepted_tokens == t.generated_tokens - 1  # every token: a pass or an accepted draft
+    assert max(len(f) for f in session.fed[1:]) == 9  # the draft length grew from 4 to the cap of 8
+    assert plain[-1].timings.decode_passes == 29
+
+
+def test_a_rejected_draft_is_replaced_and_rewound():
+    # The prompt says 7 -> 8, but the model goes 7 -> 2: the draft [8, ...] is rejected at its first token.
+    session = VerifyingFakeSession(script={7: 2, 2: 9})
+    events = list(generate_tokens(session, [7, 8, 1, 6], GenerationConfig(max_tokens=4, draft_tokens=4)))
+    assert _tokens(events) == [7, 2, 9, 10]
+    t = events[-1].timings
+    assert t.drafted_tokens >= 1 and t.accepted_tokens < t.drafted_tokens
+    # the cache holds only tokens on the path taken, in order: nothing of a rejected guess survives
+    path = [7, 8, 1, 6, 7, 2, 9, 10]
+    assert session.tokens == path[: len(session.tokens)]
+
+
+def test_eos_inside_accepted_drafts_stops_there():
+    script = {3: 1}
+    events = list(generate_tokens(VerifyingFakeSession(script=script), [1, 2, 3, 1, 2],
+                                  GenerationConfig(max_tokens=40, draft_tokens=8), eos_ids=[3]))
+    assert _tokens(events) == [] and events[-1].finish_reason == "eos"
+    events = list(generate_tokens(VerifyingFakeSession(script={3: 1, 13: 14}), [1, 2, 3, 1, 2],
+                                  GenerationConfig(max_tokens=40, draft_tokens=8), eos_ids=[14]))
+    assert events[-1].finish_reason == "length" and len(_tokens(events)) == 40
+
+
+def test_max_tokens_is_exact_with_drafts():
+    for n in (1, 2, 5, 9, 17):
+        events = list(generate_tokens(VerifyingFakeSession(script={3: 1}), [1, 2, 3],
+                                      GenerationConfig(max_tokens=n, draft_tokens=8)))
+        assert len(_tokens(events)) == n and events[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("options", [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8),
+                                     dict(temperature=1.0, min_p=0.05)])
+def test_verifier_keeps_the_samplers_distribution(options):
+    # Speculative sampling with a one-token draft: accept it with p(draft), else draw from p without it.
+    # The tokens it returns must follow p exactly, whatever the draft.
+    from onnxllm.runtime.sampling import _distribution
+
+    logits = np.random.default_rng(3).standard_normal(12).astype(np.float32) * 2
+    idx, probs = _distribution(options.get("temperature"), options.get("top_k", 0), options.get("top_p", 1.0),
+                               options.get("min_p", 0.0))(logits)
+    expected = np.zeros(12)
+    expected[idx if idx is not None else np.arange(12)] = probs
+    verify = make_verifier(**options, rng=np.random.default_rng(0))
+    n = 40000
+    for draft in (int(np.argmax(logits)), int(np.argmin(logits)), 4):
+        counts = np.bincount([verify(logits, draft)[0] for _ in range(n)], minlength=12) / n
+        assert np.abs(counts - expected).max() < 0.012, (draft, counts, expected)
+        assert counts[expected == 0].sum() == 0
+
+
+def test_verifier_greedy_accepts_only_the_argmax():
+    verify = make_verifier()
+    logits = softmax(np.array([0.1, 3.0, 0.2], dtype=np.float32))
+    assert verify(logits, 1) == (1, True) and verify(logits, 2) == (1, False)
+
+
+@pytest.mark.parametrize("bad", [-1, 65, True, 2.5])
+def test_bad_draft_tokens_is_an_error(tiny_llama, bad):
+    with pytest.raises(GenerationError, match="draft_tokens"):
+        onnxllm.load(tiny_llama).generate("hello", draft_tokens=bad)
+
+
+# -- real sessions ----------------------------------------------------------------------------------
+REPETITIVE = "one two three four, one two three four, one two three four, one two three"
+
+
+@pytest.mark.parametrize("options", [dict(), dict(repetition_penalty=1.3), dict(presence_penalty=0.5, frequency_penalty=0.3)])
+def test_real_session_greedy_equals_one_token_per_step(tiny_llama, options):
+    m = onnxllm.load(tiny_llama)
+    plain = m.generate(REPETITIVE, max_tokens=48, draft_tokens=0, **options)
+    drafted = m.generate(REPETITIVE, max_tokens=48, draft_tokens=8, **options)
+    assert drafted.token_ids == plain.token_ids  # an fp32 model: the check's logits equal one-step logits
+    t = drafted.timings
+    assert t.drafted_tokens > 0 and t.decode_passes + t.accepted_tokens == t.generated_tokens - 1
+    assert plain.timings.drafted_tokens == 0 and plain.timings.decode_passes == plain.timings.generated_tokens - 1
+
+
+def test_real_session_sampling_with_drafts_is_seeded(tiny_llama):
+    m = onnxllm.load(tiny_llama)
+    a = m.generate(REPETITIVE, max_tokens=32, temperature=0.8, top_k=20, seed=5)
+    b = m.generate(REPETITIVE, max_tokens=32, temperature=0.8, top_k=20, seed=5)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 32
+    # the cache ends holding the prompt and the tokens generated (plus at most the last accepted guesses)
+    prompt = m.encode(REPETITIVE)
+    held = m.session.tokens
+    assert held[: len(prompt)] == prompt and held[len(prompt):] == b.token_ids[: len(held) - len(prompt)]
+
+
+def test_growing_cache_does_not_draft(tiny_llama):
+    m = onnxllm.load(tiny_llama, kv_mode="growing")
+    r = m.generate(REPETITIVE, max_tokens=16)
+    assert r.timings.drafted_tokens == 0 and r.token_ids == onnxllm.load(tiny_llama).generate(REPETITIVE, max_tokens=16, draft_tokens=0).token_ids
+
+
+def test_cli_draft_tokens(tiny_llama):
+    on = json.loads(cli("run", tiny_llama, REPETITIVE, "--raw", "--max-tokens", "24", "--json").stdout)
+    off = json.loads(cli("run", tiny_llama, REPETITIVE, "--raw", "--max-tokens", "24", "--draft-tokens", "0", "--json").stdout)
+    assert on["tokens"] == off["tokens"] and off["timings"]["drafted_tokens"] == 0 and on["timings"]["drafted_tokens"] > 0
+    bad = cli("run", tiny_llama, "hi", "--draft-tokens", "-2")
+    assert bad.returncode == 1 and "draft_tokens" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_bench_text_prompts_and_draft_counts(tiny_llama, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(REPETITIVE)
+    r = json.loads(cli("bench", tiny_llama, "--prompt-tokens", "24", "--gen-tokens", "16", "--runs", "1", "--text",
+                       str(text), "--json").stdout)
+    row = r["results"][0]
+    assert r["draft_tokens"] == 8 and r["prompts"] == "text" and row["drafted_tokens"] > 0
+    assert row["decode_passes"] + row["accepted_tokens"] == 15
+    off = json.loads(cli("bench", tiny_llama, "--prompt-tokens", "24", "--gen-tokens", "16", "--runs", "1",
+                         "--draft-tokens", "0", "--json").stdout)
+    assert off["results"][0]["decode_passes"] == 15 and off["prompts"] == "random token ids"
