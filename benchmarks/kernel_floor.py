@@ -1,6 +1,6 @@
 """What ONNX Runtime's CPU kernels alone cost for one SmolLM2-135M token: the floor under any ORT runtime.
 
-    .venv/bin/python benchmarks/kernel_floor.py [--threads 2] [--repeats 3]
+    .venv/bin/python benchmarks/kernel_floor.py [--threads 2] [--repeats 3] [--sweep]
 
 Builds small synthetic graphs with SmolLM2-135M's shapes (30 layers; qkv 576->960, o 576->576,
 gate|up 576->3072, down 1536->576; lm_head 576->49152) and random weights, and times them in one process,
@@ -12,6 +12,11 @@ side by side:
   - the body's matrix products for a 64-token prefill (M=64): MatMulNBits int4/int8, fp32 MatMul, and
     DynamicQuantizeMatMul (per-tensor dynamic int8 activations, the kernel optimum's int8 uses).
 Medians of many calls, best of --repeats; the machine moves ~20% between runs, so read ratios.
+
+Caution: the body's 106 MiB (int8) or 65 MiB (int4) of weights are read again on every call, so a
+harness that runs only them keeps much of them in the last-level cache, which a whole model (more
+weights, the lm_head, the KV cache) does not. --sweep shows it: 8-bit M=1 products over weight sets
+of 28 to 142 MiB, with the rate each one streams its weights at.
 """
 
 from __future__ import annotations
@@ -106,11 +111,35 @@ def time_model(model, feed, threads: int, calls: int) -> float:
     return float(np.median(times)) * 1e3
 
 
+def sweep(threads: int, repeats: int) -> None:
+    """M=1 int8 MatMulNBits over 10-50 layers' qkv, o and gate|up: time and GiB/s against the bytes read."""
+    print("working-set sweep: 8-bit MatMulNBits at M=1, qkv + o + gate|up per layer")
+    for layers in (10, 20, 26, 30, 34, 38, 42, 50):
+        model, feed = matmuls("nbits", 1, bits=8, layers=layers)
+        # keep the three K=576 products: down_proj's input differs, and the sweep wants one byte count
+        keep = [n for n in model.graph.node if not n.output[0].endswith("_down")]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+        del model.graph.output[:]
+        model.graph.output.extend(helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in keep)
+        used = {i for n in keep for i in n.input}
+        inits = [t for t in model.graph.initializer if t.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(inits)
+        mib = sum(t.raw_data.__len__() for t in inits) / 2**20
+        best = min(time_model(model, feed, threads, 100) for _ in range(repeats))
+        print(f"  {layers:2d} layers {mib:6.1f} MiB  {best:6.2f} ms  {mib / 1024 / best * 1e3:5.1f} GiB/s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sweep", action="store_true", help="only the working-set sweep")
     args = parser.parse_args()
+    if args.sweep:
+        sweep(args.threads, args.repeats)
+        return
     cases = [
         ("decode: 120 body MatMulNBits int4, acc 4", lambda: matmuls("nbits", 1, bits=4), 200),
         ("decode: 120 body MatMulNBits int8, acc 4", lambda: matmuls("nbits", 1, bits=8), 200),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import KV_BYTES
+from .common import KV_BYTES, LOOKUP
 
 
 def merge_attempts(attempts: list[dict]) -> dict:
@@ -83,7 +83,10 @@ def bandwidth_ceiling(row: dict, arch: dict, bw_gbps: float, gen: int) -> None:
     """Decode ceiling = read bandwidth / (weight bytes + mean KV-cache bytes read per token).
 
     Weight bytes: for ONNX models, the initializers a decode step reads (see onnx_weight_bytes_per_token);
-    for GGUF and safetensors, the file (SmolLM2's embedding is tied to the lm_head, so all of it is read)."""
+    for GGUF and safetensors, the file (SmolLM2's embedding is tied to the lm_head, so all of it is read).
+    A row that drafts tokens (prompt lookup) reads the weights once per model pass, not per token: its
+    `fraction` is passes/s x bytes per pass / bandwidth where the worker counted passes (onnxllm), and
+    None where it did not (llama.cpp's lookup)."""
     kv_el = KV_BYTES.get(row["runtime"], 4)
     per_pos = 2 * arch["num_layers"] * arch["num_kv_heads"] * arch["head_dim"] * kv_el
     weights = row["file_mib"] * 2**20
@@ -101,7 +104,15 @@ def bandwidth_ceiling(row: dict, arch: dict, bw_gbps: float, gen: int) -> None:
         row["ceiling"][str(r["prompt_tokens"])] = {
             "bytes_per_token_mib": round(per_token / 2**20, 1), "kv_mib": round(per_pos * ctx / 2**20, 1),
             "ceiling_tok_s": round(ceil, 1),
-            "fraction": round(r["decode_tok_s"] / ceil, 3) if r.get("decode_tok_s") else None}
+            "fraction": _fraction(row, r, ceil, gen)}
+
+
+def _fraction(row: dict, r: dict, ceil: float, gen: int) -> float | None:
+    if not r.get("decode_tok_s"):
+        return None
+    if "decode_passes" in r:
+        return round(r["decode_tok_s"] * r["decode_passes"] / max(gen - 1, 1) / ceil, 3)
+    return None if row["variant"].endswith(LOOKUP) else round(r["decode_tok_s"] / ceil, 3)
 
 
 def greedy_agreement(rows: list[dict]) -> None:

@@ -31,7 +31,8 @@ RUNTIME_LABEL = {
 ALL_VARIANTS = {
     # onnxllm decodes with prompt-lookup drafts (8 at most), as `onnxllm run` does; "/no-draft": one token per step.
     "onnxllm": ["int4", "int8", "int8-dynamic", "int8-dynamic/no-draft", "fp32"],
-    "llamacpp": ["Q4_0", "Q4_1", "Q8_0"],
+    # "/lookup": llama-cpp-python's own prompt-lookup speculation (LlamaPromptLookupDecoding), opt-in there.
+    "llamacpp": ["Q4_0", "Q4_0/lookup", "Q4_1", "Q8_0"],
     "genai": ["int4", "int8", "fp32"],
     "optimum": ["int8", "fp32"],
     "transformers": ["fp32"],
@@ -39,12 +40,12 @@ ALL_VARIANTS = {
 # KV cache element size per runtime (bytes): llama.cpp keeps an f16 cache by default, the others fp32.
 KV_BYTES = {"llamacpp": 2}
 CATALOG_NAME = "smollm2-135m-instruct"
-NO_DRAFT = "/no-draft"
+NO_DRAFT, LOOKUP = "/no-draft", "/lookup"
 
 
-def onnxllm_scheme(variant: str) -> str:
-    """The package variant an onnxllm row runs: "int8-dynamic/no-draft" -> "int8-dynamic"."""
-    return variant.removesuffix(NO_DRAFT)
+def base_variant(variant: str) -> str:
+    """The weights a row runs: "int8-dynamic/no-draft" -> "int8-dynamic", "Q4_0/lookup" -> "Q4_0"."""
+    return variant.split("/", 1)[0]
 
 
 def gguf_path() -> Path:

@@ -53,6 +53,11 @@ def ceiling_table(rows: list[dict], lengths: list[int], bw: float) -> str:
                      f"{fmt(ca['ceiling_tok_s'])} | {fmt(res[a]['decode_tok_s'])} | {_share(ca['fraction'])} | "
                      f"{cb['bytes_per_token_mib']} | {fmt(cb['ceiling_tok_s'])} | {fmt(res[b]['decode_tok_s'])} | "
                      f"{_share(cb['fraction'])} |")
+    if any(r["variant"].endswith(("/lookup", "/no-draft")) or r["runtime"] == "onnxllm" for r in rows):
+        lines.append("\nRows that draft tokens by prompt lookup (onnxllm, except /no-draft; llama.cpp /lookup) read the "
+                     "weights once per model pass, which yields several tokens: for onnxllm, \"reached\" counts passes "
+                     "(passes/s x bytes per pass), and the measured tokens/s may exceed the ceiling; for llama.cpp's "
+                     "lookup the passes are not counted (\"-\").")
     return "\n".join(lines)
 
 

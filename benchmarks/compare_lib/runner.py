@@ -21,8 +21,8 @@ from .common import (
     ROOT,
     VENV_PY,
     gguf_path,
+    base_variant,
     hamlet_path,
-    onnxllm_scheme,
 )
 from .machine import _proc_stat, wait_for_quiet
 
@@ -108,11 +108,11 @@ class Runner:
             pkg = self.onnxllm_package()
             if pkg is None:
                 return None, "onnxllm export failed"
-            if not self.onnxllm_variant(pkg, onnxllm_scheme(variant)):
-                return None, f"`onnxllm quantize --scheme {onnxllm_scheme(variant)}` failed or is not available"
+            if not self.onnxllm_variant(pkg, base_variant(variant)):
+                return None, f"`onnxllm quantize --scheme {base_variant(variant)}` failed or is not available"
             return pkg, ""
         if runtime == "llamacpp":
-            src = gguf_path()
+            src, variant = gguf_path(), base_variant(variant)
             if variant == "Q4_1":
                 return src, ""
             out = MODELS / f"SmolLM2-135M-Instruct.{variant}.gguf"

@@ -82,10 +82,10 @@ def worker_onnxllm(a) -> dict:
     import onnxllm
     from onnxllm.runtime.generate import GenerationConfig, generate_tokens
 
-    from .common import NO_DRAFT, onnxllm_scheme
+    from .common import NO_DRAFT, base_variant
 
     t = time.perf_counter()
-    m = onnxllm.load(a.model, device="cpu", variant=onnxllm_scheme(a.variant), threads=a.threads)
+    m = onnxllm.load(a.model, device="cpu", variant=base_variant(a.variant), threads=a.threads)
     load_s = time.perf_counter() - t
     s = m.session
     s.reserve(max(a.prompt_lens) + a.gen)
@@ -116,9 +116,19 @@ def worker_onnxllm(a) -> dict:
 def worker_llamacpp(a) -> dict:
     import llama_cpp
 
+    from .common import LOOKUP
+
+    lookup = a.variant.endswith(LOOKUP)
+    draft = None
+    if lookup:  # llama-cpp-python's prompt lookup, set like onnxllm's: n-grams up to 3, 8 tokens at most
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        draft = LlamaPromptLookupDecoding(max_ngram_size=3, num_pred_tokens=8)
     t = time.perf_counter()
+    # With a draft model, llama-cpp-python keeps every position's logits, but sizes that buffer by the
+    # logits_all argument: pass True, or its second generate() overflows the buffer.
     llm = llama_cpp.Llama(a.model, n_threads=a.threads, n_threads_batch=a.threads, n_ctx=1024, n_batch=512,
-                          n_ubatch=512, logits_all=False, verbose=False, use_mmap=True)
+                          n_ubatch=512, logits_all=lookup, verbose=False, use_mmap=True, draft_model=draft)
     load_s = time.perf_counter() - t
 
     import numpy as np
@@ -136,7 +146,23 @@ def worker_llamacpp(a) -> dict:
         llm.eval([tok])
         return _argmax(logits_last())
 
-    res = [timed_runs(prefill, decode, llm.reset, prompt, a.gen, a.runs) for prompt in a.prompts]
+    def once_for(prompt):
+        def once(n_new: int):  # Llama.generate: the only loop that uses the draft model
+            llm.reset()
+            toks, t0 = [], time.perf_counter()
+            for tok in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+                if not toks:
+                    t1 = time.perf_counter()
+                toks.append(int(tok))
+                if len(toks) == n_new:
+                    break
+            return t1 - t0, time.perf_counter() - t1, toks
+        return once
+
+    if lookup:
+        res = [timed(once_for(prompt), prompt, a.gen, a.runs) for prompt in a.prompts]
+    else:
+        res = [timed_runs(prefill, decode, llm.reset, prompt, a.gen, a.runs) for prompt in a.prompts]
     info = llama_cpp.llama_print_system_info()
     info = info.decode() if isinstance(info, bytes) else str(info)
     return {"load_s": load_s, "results": res, "file_mib": size_mib([a.model]),
