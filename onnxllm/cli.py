@@ -137,6 +137,14 @@ def _read_prompt(prompt: str | None) -> str | None:
     return None
 
 
+def _read_text_file(path: str) -> str:
+    with open(path, "rb") as f:
+        try:
+            return f.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise OnnxLLMError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+
+
 def _print_stats(timings) -> None:
     if timings is None:
         return
@@ -305,13 +313,7 @@ def eval_cmd(package, variant, text_file, tokens):
     """Perplexity, and KL / top-1 / greedy agreement against fp32."""
     from .quantize.quality import evaluate, format_report
 
-    text = None
-    if text_file:
-        with open(text_file, "rb") as f:
-            try:
-                text = f.read().decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise OnnxLLMError(f"{text_file} is not UTF-8 text (byte {exc.start})") from None
+    text = _read_text_file(text_file) if text_file else None
     from .package import read_manifest
     from .quantize.quality import base_variant
 
@@ -346,13 +348,7 @@ def bench(model, variant, prompt_tokens, gen_tokens, runs, threads, device, draf
         raise OnnxLLMError(f"--prompt-tokens takes comma-separated integers like 64,512, got {prompt_tokens!r}") from None
     if not lengths or min(lengths) < 1:
         raise OnnxLLMError(f"--prompt-tokens must list lengths >= 1, got {prompt_tokens!r}")
-    text = None
-    if text_file:
-        with open(text_file, "rb") as f:
-            try:
-                text = f.read().decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise OnnxLLMError(f"{text_file} is not UTF-8 text (byte {exc.start})") from None
+    text = _read_text_file(text_file) if text_file else None
     result = run_bench(model, BenchOptions(variant=variant, prompt_tokens=lengths, gen_tokens=gen_tokens, runs=runs,
                                            threads=threads, device=device, draft_tokens=draft_tokens, text=text),
                        progress=_progress)

@@ -14,23 +14,14 @@ from onnxllm.runtime.lookup import PromptLookup
 from onnxllm.runtime.sampling import make_verifier, softmax
 
 from test_cli import cli
+from test_runtime import FakeSession
 
 
-class VerifyingFakeSession:
-    """Scripted logits that depend on the last token only (token t -> script.get(t, t + 1)), with the
-    speculative interface: forward(ids, all_logits=True) gives each fed position's logits."""
+class VerifyingFakeSession(FakeSession):
+    """test_runtime's scripted session (token t -> script.get(t, t + 1)), with the speculative interface:
+    forward(ids, all_logits=True) gives each fed position's logits."""
 
     can_verify = True
-
-    def __init__(self, vocab=16, script=None):
-        self.vocab, self.script = vocab, script or {}
-        self.tokens: list[int] = []
-        self.fed: list[list[int]] = []
-
-    def _logits(self, last):
-        out = np.linspace(0.0, 1.0, self.vocab, dtype=np.float32)
-        out[self.script.get(last, (last + 1) % self.vocab)] = 5.0
-        return out
 
     def forward(self, ids, *, all_logits=False):
         self.fed.append(list(ids))
@@ -38,17 +29,6 @@ class VerifyingFakeSession:
         self.tokens.extend(ids)
         rows = np.stack([self._logits(self.tokens[i]) for i in range(start, len(self.tokens))])
         return rows if all_logits else rows[-1]
-
-    def common_prefix(self, ids):
-        n = 0
-        for a, b in zip(self.tokens, ids):
-            if a != b:
-                break
-            n += 1
-        return n
-
-    def rewind(self, n):
-        self.tokens = self.tokens[:n]
 
     def reserve(self, total):
         pass
