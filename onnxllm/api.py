@@ -71,12 +71,14 @@ def resolve_model(model: str | os.PathLike, *, progress: Progress | None = None)
 
 
 def load(model: str | os.PathLike, device: str = "auto", variant: str | None = None, *, threads: int | None = None,
-         context: int | None = None, kv_mode: str = "shared", io_binding: bool = True,
+         context: int | None = None, kv_mode: str = "shared", io_binding: bool = True, prefill_chunk: int = 256,
          progress: Progress | None = None) -> Model:
-    """Load a package folder, a path to its .onnx, or a catalog name (exported on first use)."""
+    """Load a package folder, a path to its .onnx, or a catalog name (exported on first use).
+
+    `prefill_chunk`: prompts longer than this are fed this many tokens per pass (0: all at once)."""
     path = resolve_model(model, progress=progress)
     return load_package(path, LoadOptions(device=device, variant=variant, threads=threads, context=context,
-                                          kv_mode=kv_mode, io_binding=io_binding))
+                                          kv_mode=kv_mode, io_binding=io_binding, prefill_chunk=prefill_chunk))
 
 
 def generate(model: Model | str | os.PathLike, prompt, **options) -> GenerationResult:

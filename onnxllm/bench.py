@@ -33,6 +33,7 @@ class BenchOptions:
     device: str = "auto"
     seed: int = 0
     draft_tokens: int = 8  # 0: one token per decode step
+    prefill_chunk: int = 256  # tokens per prefill pass (0: the whole prompt in one)
     text: str | None = None  # prompts from this text (repeated as needed) instead of random ids
 
 
@@ -90,7 +91,8 @@ def run_bench(model: str, options: BenchOptions = BenchOptions(), *, progress: C
     from .api import load
 
     start = time.perf_counter()
-    m = load(model, device=options.device, variant=options.variant, threads=options.threads, progress=progress)
+    m = load(model, device=options.device, variant=options.variant, threads=options.threads,
+             prefill_chunk=options.prefill_chunk, progress=progress)
     load_s = time.perf_counter() - start
     longest = max(options.prompt_tokens) + options.gen_tokens
     if longest > m.session.context:
@@ -116,7 +118,7 @@ def run_bench(model: str, options: BenchOptions = BenchOptions(), *, progress: C
                      "accepted_tokens": t.accepted_tokens})
     return {"model": str(m.root), "variant": m.variant, "device": m.providers.device,
             "providers": m.session.session.get_providers(), "threads": options.threads or "all cores",
-            "draft_tokens": options.draft_tokens, "prompts": "random token ids" if options.text is None else "text",
+            "draft_tokens": options.draft_tokens, "prefill_chunk": options.prefill_chunk, "prompts": "random token ids" if options.text is None else "text",
             "load_s": round(load_s, 3), "peak_rss_mib": round(peak_rss_mib(), 1), "results": rows,
             "machine": machine_info(), "command": " ".join(["onnxllm", *sys.argv[1:]]) if sys.argv else ""}
 
@@ -125,7 +127,7 @@ def format_bench(r: dict) -> str:
     mc = r["machine"]
     lines = [
         (f"model {r['model']}  variant {r['variant']}  device {r['device']}  threads {r['threads']}  "
-         f"draft tokens {r['draft_tokens']}  prompts: {r['prompts']}"),
+         f"draft tokens {r['draft_tokens']}  prefill chunk {r['prefill_chunk']}  prompts: {r['prompts']}"),
         f"machine: {mc['cpu']}, {mc['cores']} cores; python {mc['python']}, onnxruntime {mc['onnxruntime']}, "
         f"onnxllm {mc['onnxllm']}",
         f"load {r['load_s']:.2f} s   peak RSS {r['peak_rss_mib']:.0f} MiB",

@@ -334,11 +334,14 @@ def eval_cmd(package, variant, text_file, tokens):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "dml"]), default="auto", show_default=True)
 @click.option("--draft-tokens", type=click.IntRange(0, 64), default=8, show_default=True,
               help="Prompt-lookup draft tokens per step, as generation uses them (0 = one token per step).")
+@click.option("--prefill-chunk", type=click.IntRange(0), default=256, show_default=True,
+              help="Prompt tokens per prefill pass (0 = the whole prompt in one).")
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
               help="Take the prompts from this UTF-8 text (default: random token ids).")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def bench(model, variant, prompt_tokens, gen_tokens, runs, threads, device, draft_tokens, text_file, as_json):
+def bench(model, variant, prompt_tokens, gen_tokens, runs, threads, device, draft_tokens, prefill_chunk, text_file,
+          as_json):
     """Prefill and decode tokens/s, time to first token, load time, peak memory."""
     from .bench import BenchOptions, format_bench, run_bench
 
@@ -350,7 +353,8 @@ def bench(model, variant, prompt_tokens, gen_tokens, runs, threads, device, draf
         raise OnnxLLMError(f"--prompt-tokens must list lengths >= 1, got {prompt_tokens!r}")
     text = _read_text_file(text_file) if text_file else None
     result = run_bench(model, BenchOptions(variant=variant, prompt_tokens=lengths, gen_tokens=gen_tokens, runs=runs,
-                                           threads=threads, device=device, draft_tokens=draft_tokens, text=text),
+                                           threads=threads, device=device, draft_tokens=draft_tokens,
+                                           prefill_chunk=prefill_chunk, text=text),
                        progress=_progress)
     click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
 

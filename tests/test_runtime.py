@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import shutil
 import subprocess
 import sys
@@ -163,6 +164,31 @@ def test_cached_decode_equals_full_recompute(tiny_llama):
     s.rewind(5)
     np.testing.assert_allclose(s.forward(ids[5:9], all_logits=True), full[5:9], atol=1e-5)
     np.testing.assert_allclose(s.forward(ids[9:10]), full[9], atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_mode", ["shared", "growing"])
+def test_chunked_prefill_equals_one_pass(tiny_llama, kv_mode):
+    m = onnxllm.load(tiny_llama, kv_mode=kv_mode)
+    ids = m.encode("the quick brown fox jumps over the lazy dog, then the dog sleeps")
+    s = m.session
+    s.config = replace(s.config, prefill_chunk=0)
+    s.rewind(0)
+    whole_last, fed = s.forward(ids), []
+    s.rewind(0)
+    whole_all = s.forward(ids, all_logits=True)
+    s.config = replace(s.config, prefill_chunk=4)
+    run = s._forward
+    s._forward = lambda chunk, all_logits: (fed.append(len(chunk)), run(chunk, all_logits))[1]
+    s.rewind(0)
+    np.testing.assert_allclose(s.forward(ids), whole_last, atol=1e-5)
+    assert fed[0] == 4 and sum(fed) == len(ids) and len(fed) == -(-len(ids) // 4) and s.tokens == ids
+    s.rewind(0)
+    np.testing.assert_allclose(s.forward(ids, all_logits=True), whole_all, atol=1e-5)
+    s._forward = run
+    plain = onnxllm.load(tiny_llama, kv_mode=kv_mode)
+    plain.session.config = replace(plain.session.config, prefill_chunk=0)
+    assert m.generate("the quick brown fox jumps over the lazy dog", max_tokens=12).token_ids == \
+        plain.generate("the quick brown fox jumps over the lazy dog", max_tokens=12).token_ids
 
 
 @pytest.mark.parametrize("io_binding", [True, False])

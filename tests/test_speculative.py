@@ -176,3 +176,18 @@ def test_cli_bench_text_prompts_and_draft_counts(tiny_llama, tmp_path):
     off = json.loads(cli("bench", tiny_llama, "--prompt-tokens", "24", "--gen-tokens", "16", "--runs", "1",
                          "--draft-tokens", "0", "--json").stdout)
     assert off["results"][0]["decode_passes"] == 15 and off["prompts"] == "random token ids"
+
+
+def test_prefill_chunk_option(tiny_llama):
+    r = json.loads(cli("bench", tiny_llama, "--prompt-tokens", "40", "--gen-tokens", "4", "--runs", "1",
+                       "--prefill-chunk", "16", "--json").stdout)
+    assert r["prefill_chunk"] == 16 and r["results"][0]["prefill_tokens_per_s"] > 0
+    m = onnxllm.load(tiny_llama, prefill_chunk=8)
+    assert m.session.config.prefill_chunk == 8
+    assert m.generate(REPETITIVE, max_tokens=8, draft_tokens=0).token_ids == \
+        onnxllm.load(tiny_llama, prefill_chunk=0).generate(REPETITIVE, max_tokens=8, draft_tokens=0).token_ids
+    for bad in (-1, 2.5, True):
+        with pytest.raises(GenerationError, match="prefill_chunk"):
+            onnxllm.load(tiny_llama, prefill_chunk=bad)
+    with pytest.raises(GenerationError, match="kv_mode"):
+        onnxllm.load(tiny_llama, kv_mode="paged")

@@ -31,6 +31,7 @@ class LoadOptions:
     optimization: str = "all"
     kv_mode: str = "shared"
     io_binding: bool = True
+    prefill_chunk: int = 256  # tokens per prefill pass (0: the whole prompt in one)
 
 
 def _check_text(text: str) -> str:
@@ -306,6 +307,11 @@ def _token_text(value) -> str | None:
 
 
 def load_package(path: str | Path, options: LoadOptions = LoadOptions()) -> Model:
+    if options.kv_mode not in ("shared", "growing"):
+        raise GenerationError(f"kv_mode must be 'shared' or 'growing', got {options.kv_mode!r}")
+    chunk = options.prefill_chunk
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise GenerationError(f"prefill_chunk must be an integer >= 0 (0: the whole prompt in one pass), got {chunk!r}")
     root = find_package_root(path)
     manifest = read_manifest(root)
     choice = select_providers(options.device)
@@ -332,6 +338,7 @@ def load_package(path: str | Path, options: LoadOptions = LoadOptions()) -> Mode
             template = ChatTemplate(template_path.read_text(encoding="utf-8"), **special)
     sess_opts = session_options(threads=options.threads, optimization=options.optimization)
     session = open_session(onnx_path, manifest, providers=choice.providers, options=sess_opts,
-                           config=SessionConfig(kv_mode=options.kv_mode, io_binding=options.io_binding),
+                           config=SessionConfig(kv_mode=options.kv_mode, io_binding=options.io_binding,
+                                                prefill_chunk=options.prefill_chunk),
                            context=options.context)
     return Model(root, manifest, name, session, tokenizer, template, choice)
