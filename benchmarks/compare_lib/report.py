@@ -97,7 +97,8 @@ def plot(json_path: Path, png: Path) -> None:
     m = data["machine"]
     fig.suptitle(f"SmolLM2-135M-Instruct on {m['cpu']} ({m['cores']} cores): {data['config']['threads']} threads, "
                  f"greedy, batch 1, {data['config']['gen_tokens']} new tokens, median of {data['config']['runs']}. "
-                 "Red: onnxllm.", fontsize=10)
+                 "Red: onnxllm (decoding with prompt-lookup drafts, except /no-draft); /lookup: llama.cpp's own.",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     print(f"wrote {png}")
