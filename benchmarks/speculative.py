@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import onnxruntime as ort  # noqa: E402
+import onnxruntime as ort
 
-import onnxllm  # noqa: E402
+import onnxllm
 
 QUESTIONS = [
     "Explain how photosynthesis works.",
@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--draft-tokens", type=int, default=8)
     parser.add_argument("--quality", action="store_true", help="score the rounding of multi-token passes instead")
     args = parser.parse_args()
+    if args.draft_tokens < 1:
+        parser.error("--draft-tokens must be at least 1 (the script compares drafts with none)")
     if args.quality:
         print(f"$ {' '.join(sys.argv)}")
         quality(args.package, args.variant, args.threads)
@@ -99,10 +101,10 @@ def main() -> None:
             messages = [{"role": "user", "content": question}]
             runs = {0: [], args.draft_tokens: []}
             for seed in range(args.runs):
-                for k in runs:  # alternate, so both see the same machine
-                    runs[k].append(m.generate(messages, chat=True, max_tokens=args.max_tokens, temperature=temperature,
+                for k, results in runs.items():  # alternate, so both see the same machine
+                    results.append(m.generate(messages, chat=True, max_tokens=args.max_tokens, temperature=temperature,
                                               seed=seed, draft_tokens=k))
-            plain, drafted = (statistics.median(r.timings.decode_tokens_per_s for r in runs[k]) for k in runs)
+            plain, drafted = (statistics.median(r.timings.decode_tokens_per_s for r in results) for results in runs.values())
             t = runs[args.draft_tokens][0].timings
             same = runs[0][0].token_ids == runs[args.draft_tokens][0].token_ids
             speedups.append(drafted / plain)

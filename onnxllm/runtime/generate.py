@@ -18,7 +18,12 @@ import numpy as np
 from ..errors import GenerationError
 from .detokenizer import StreamingDetokenizer
 from .lookup import PromptLookup
-from .sampling import make_logits_processors, make_sampler, make_verifier, validate_sampling
+from .sampling import (
+    make_logits_processors,
+    make_sampler,
+    make_verifier,
+    validate_sampling,
+)
 
 FINISH_REASONS = ("stop", "length", "eos", "cancelled")
 
@@ -41,7 +46,11 @@ class GenerationConfig:
     context_overflow: str = "error"
     # Speculative decoding by prompt lookup (lookup.py): up to this many tokens guessed from earlier text
     # and checked in one pass; the model's own logits decide every token, so the output keeps the
-    # model's distribution (greedy: the same tokens, up to float rounding). 0 turns it off.
+    # model's distribution. Greedy fp32 gives the same tokens as without drafts; quantized variants round
+    # a pass over several tokens differently from one-token passes (int8-dynamic quantizes a pass's
+    # activations with one scale), so a greedy answer can part from the draft-free one at a near tie,
+    # equally close to fp32 (docs/BENCHMARKS.md). A seed reproduces a sample for the same settings, not
+    # across draft_tokens. 0 turns it off.
     draft_tokens: int = 8
 
     def updated(self, **options) -> "GenerationConfig":
@@ -82,7 +91,7 @@ class Timings:
     decode_s: float = 0.0
     decode_passes: int = 0  # model calls after the prefill: generated - 1 without drafts, fewer with
     drafted_tokens: int = 0  # tokens guessed by prompt lookup and checked
-    accepted_tokens: int = 0  # of those, the ones the model agreed with
+    accepted_tokens: int = 0  # of those, the ones the model agreed with and that were given out
 
     @property
     def time_to_first_token_s(self) -> float:
@@ -177,8 +186,14 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
     history = list(prompt_ids)
     lookup = PromptLookup(prompt_ids) if config.draft_tokens and getattr(session, "can_verify", False) else None
     draft_len = min(4, config.draft_tokens)
+    # Drafts are not cut short near max_tokens (the passes, and so their rounding, stay the same whatever
+    # max_tokens is; surplus tokens are dropped), only by the context: room for them is reserved now.
+    context = getattr(session, "context", None)
+    if lookup is not None and context is not None:
+        session.reserve(min(context, len(prompt_ids) + config.max_tokens + config.draft_tokens))
     eos = set(eos_ids)
     generated = passes = drafted = accepted = 0
+    guessed = 0  # how many of `pending` are accepted guesses (they come first)
 
     def timings(prefill_s: float, decode_s: float) -> Timings:
         return Timings(len(prompt_ids), cached, generated, prefill_s, decode_s, passes, drafted, accepted)
@@ -195,11 +210,12 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
     decode_start = time.perf_counter()
     pending = [sample(processed(logits, []))]  # tokens chosen, not yet given out
     while True:
-        for token in pending:
+        for j, token in enumerate(pending):
             if token in eos:
                 yield TokenEvent(None, "eos", timings(prefill_s, time.perf_counter() - decode_start))
                 return
             generated += 1
+            accepted += j < guessed
             history.append(token)
             if lookup is not None:
                 lookup.append(token)
@@ -211,10 +227,11 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
                 yield TokenEvent(None, "cancelled", timings(prefill_s, time.perf_counter() - decode_start))
                 return
         last = pending[-1]  # given out, not yet in the cache
-        draft = lookup.draft(min(draft_len, config.max_tokens - generated - 1)) if lookup is not None else []
+        room = draft_len if context is None else min(draft_len, context - len(session.tokens) - 1)
+        draft = lookup.draft(room) if lookup is not None else []
         passes += 1
         if not draft:
-            pending = [sample(processed(session.forward([last]), []))]
+            pending, guessed = [sample(processed(session.forward([last]), []))], 0
             continue
         base = len(session.tokens)
         rows = session.forward([last, *draft], all_logits=True)  # rows[i]: the logits after draft[:i]
@@ -228,7 +245,7 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
         else:
             pending.append(sample(processed(rows[-1], pending)))
         drafted += len(draft)
-        accepted += len(pending) - 1
+        guessed = len(pending) - 1
         draft_len = min(draft_len + 2, config.draft_tokens) if len(pending) > len(draft) else max(1, draft_len - 1)
 
 
