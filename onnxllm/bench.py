@@ -118,7 +118,8 @@ def run_bench(model: str, options: BenchOptions = BenchOptions(), *, progress: C
                      "accepted_tokens": t.accepted_tokens})
     return {"model": str(m.root), "variant": m.variant, "device": m.providers.device,
             "providers": m.session.session.get_providers(), "threads": options.threads or "all cores",
-            "draft_tokens": options.draft_tokens, "prefill_chunk": options.prefill_chunk, "prompts": "random token ids" if options.text is None else "text",
+            "draft_tokens": options.draft_tokens, "prefill_chunk": options.prefill_chunk,
+            "prompts": "random token ids" if options.text is None else "text",
             "load_s": round(load_s, 3), "peak_rss_mib": round(peak_rss_mib(), 1), "results": rows,
             "machine": machine_info(), "command": " ".join(["onnxllm", *sys.argv[1:]]) if sys.argv else ""}
 

@@ -1,8 +1,9 @@
 """Generation in three thin layers: token generator -> text stream -> blocking call.
 
 `generate_tokens` drives a session (prefill, then decode steps: one token each, or a speculative
-check of tokens drafted by prompt lookup) and knows nothing about text; `stream_text` turns its tokens into UTF-8-safe text deltas and applies stop strings;
-the Model's `generate` just collects the stream.
+check of tokens drafted by prompt lookup) and knows nothing about text; `stream_text` turns its
+tokens into UTF-8-safe text deltas and applies stop strings; the Model's `generate` just collects
+the stream.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class DecoderSession:
         # every fed position (a speculative check feeds a few tokens and needs each one's logits).
         overridable = {i.name for i in ort_session.get_overridable_initializers()}
         self._keep_name = self.io.logits_to_keep if self.io.logits_to_keep in overridable else None
-        self._keep_values: dict[int, object] = {}  # 0 and 1 -> OrtValue, made once each
+        self._keep_values = {n: ort.OrtValue.ortvalue_from_numpy(np.array(n, dtype=np.int64)) for n in (0, 1)}
         self.tokens: list[int] = []  # what the cache holds, position by position
         self._kv: list = []  # OrtValues: [k0, v0, k1, v1, ...]
         self._capacity = 0
@@ -214,16 +214,10 @@ class DecoderSession:
             self._binding = binding
         return binding
 
-    def _keep(self, n: int):
-        value = self._keep_values.get(n)
-        if value is None:
-            value = self._keep_values[n] = self._ort.OrtValue.ortvalue_from_numpy(np.array(n, dtype=np.int64))
-        return value
-
     def _run_bound(self, ids, mask, positions, keep: int) -> np.ndarray:
         binding = self._kv_binding()
         if self._keep_name is not None:
-            binding.bind_ortvalue_input(self._keep_name, self._keep(keep))
+            binding.bind_ortvalue_input(self._keep_name, self._keep_values[keep])
         binding.bind_cpu_input(self.io.input_ids, ids)
         binding.bind_cpu_input(self.io.attention_mask, mask)
         binding.bind_cpu_input(self.io.position_ids, positions)
