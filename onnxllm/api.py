@@ -90,6 +90,13 @@ def stream(model: Model | str | os.PathLike, prompt, **options) -> Iterator[Chun
     return (model if isinstance(model, Model) else load(model)).stream(prompt, **options)
 
 
+def supported_architectures() -> list[str]:
+    """The Hugging Face `model_type` values `export` accepts (docs/ARCHITECTURES.md: how to add one)."""
+    from .exporter.architectures import REGISTRY
+
+    return sorted(REGISTRY)
+
+
 def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32", verify: bool = True,
            force: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False,
            progress: Progress | None = None) -> Path:

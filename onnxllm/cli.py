@@ -12,6 +12,7 @@ import time
 import click
 
 from . import __version__
+from .api import supported_architectures
 from .errors import OnnxLLMError
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="onnxllm", obj={"interrupted": interrupted})
 
 
-@cli.command()
+@cli.command(epilog=f"Supported architectures (config.json model_type): {', '.join(supported_architectures())}. "
+                    "How to add one: docs/ARCHITECTURES.md.")
 @click.argument("source")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Package folder to write.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)

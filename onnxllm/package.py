@@ -56,6 +56,9 @@ class KVCacheSpec:
     dtype: str = "float32"
     # GroupQueryAttention accepts past and present bound to one preallocated buffer.
     shared_buffer: bool = True
+    # LongRoPE (Phi-3.5, Phi-4-mini) rotates every position with other factors once the sequence is longer
+    # than this: a pass that crosses it recomputes the whole cache, as transformers does. 0: never.
+    recompute_past_at: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ _FIELD_TYPES = {
     **{("IOSpec", f): str for f in ("input_ids", "attention_mask", "position_ids", "past_key", "past_value", "logits",
                                    "present_key", "present_value")},
     ("KVCacheSpec", "layout"): str, ("KVCacheSpec", "dtype"): str, ("KVCacheSpec", "shared_buffer"): bool,
+    ("KVCacheSpec", "recompute_past_at"): int,
     ("Variant", "file"): str, ("Variant", "scheme"): str, ("Variant", "dtype"): str, ("Variant", "bytes"): int,
     ("Variant", "method"): dict, ("Architecture", "model_type"): str,
 }

@@ -24,6 +24,12 @@ _CONFIGS: dict[str, dict] = {
     "phi3": {**_DECODER, "original_max_position_embeddings": 256, "tie_word_embeddings": False, "pad_token_id": 0},
     "gemma": {**_DECODER, "head_dim": 16, "tie_word_embeddings": True},
     "gpt2": {"n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 256, "tie_word_embeddings": True},
+    "qwen3": {**_DECODER, "head_dim": 16, "tie_word_embeddings": True},
+    "gemma2": {**_DECODER, "head_dim": 16, "tie_word_embeddings": True},
+    "gemma3_text": {**_DECODER, "head_dim": 16, "tie_word_embeddings": True},
+    "smollm3": {**_DECODER, "tie_word_embeddings": True, "pad_token_id": 0},
+    "granite": {**_DECODER, "tie_word_embeddings": True},
+    "olmo2": {**_DECODER, "tie_word_embeddings": False},
 }
 VOCAB_SIZE = 320
 EOS = "<|endoftext|>"

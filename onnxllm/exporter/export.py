@@ -19,7 +19,7 @@ from ..errors import ExportError, InvalidPackageError, OnnxLLMError
 from ..package import (FORMAT_VERSION, Architecture, KVCacheSpec, Manifest, Variant, onnx_bytes, sha256_file,
                        staging_dir, write_manifest, write_text_atomic)
 from ..package import save_onnx as _save_onnx
-from .architectures import DecoderWeights, extract_weights
+from .architectures import REGISTRY, DecoderWeights, describe_graph, extract_weights
 from .graph import IO_NAMES, build_decoder
 from .sources import Source, resolve_source
 from .verify import verify_export
@@ -146,7 +146,7 @@ def _genai_config(w: DecoderWeights, loaded: _Loaded, onnx_file: str) -> dict:
             "pad_token_id": loaded.eos_token_ids[0] if loaded.eos_token_ids else 0,
             # genai picks its model class by type; its "gpt2" class expects a fused past tensor, while
             # our graph has the split key/value interface of its generic decoder classes.
-            "type": d.model_type if d.model_type in ("llama", "mistral", "qwen2", "phi3", "gemma") else "llama",
+            "type": REGISTRY[d.model_type].genai_type,
             "vocab_size": d.vocab_size,
         },
         "search": {"do_sample": False, "max_length": d.context_length, "min_length": 0, "num_beams": 1,
@@ -192,6 +192,10 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
         weights = extract_weights(model)
         proto = build_decoder(weights, dtype=options.dtype)
     d = weights.dims
+    graph_notes = describe_graph(weights)
+    if progress:
+        for note in graph_notes["notes"]:
+            progress(f"graph: {note}")
     with staging_dir(out_dir, force=options.force) as tmp:
         onnx_file = "onnx/model.onnx" if options.dtype == "float32" else "onnx/model_fp16.onnx"
         with _step(progress, "saving", timings):
@@ -221,7 +225,8 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
                 )
         scheme = "fp32" if options.dtype == "float32" else "fp16"
         variant = Variant(file=onnx_file, scheme=scheme, dtype=options.dtype, bytes=onnx_bytes(tmp / onnx_file),
-                          method={"exporter": "onnxllm graph builder", "timings_s": timings})
+                          method={"exporter": "onnxllm graph builder", "timings_s": timings,
+                                  "graph": graph_notes})
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             exporter_version=__version__,
@@ -233,7 +238,7 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
                 parameters=sum(p.numel() for p in model.parameters()),
             ),
             io=IO_NAMES,
-            kv_cache=KVCacheSpec(dtype=options.dtype),
+            kv_cache=KVCacheSpec(dtype=options.dtype, recompute_past_at=max((t.switch for t in weights.rope), default=0)),
             variants={scheme: variant},
             default_variant={"cpu": scheme, "cuda": scheme, "dml": scheme},
             eos_token_ids=loaded.eos_token_ids,

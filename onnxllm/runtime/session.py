@@ -100,6 +100,13 @@ class DecoderSession:
         """Keep only the first n cached tokens. Shared buffers need no copy: lengths come from the mask."""
         if n >= len(self.tokens):
             return
+        switch = self.manifest.kv_cache.recompute_past_at
+        if switch and n <= switch < len(self.tokens):  # the kept keys were rotated with the long factors
+            kept = self.tokens[:n]
+            self.reset()
+            if kept:
+                self.forward(kept)
+            return
         if self.config.kv_mode == "growing":
             if n == 0:
                 self.reset()
@@ -139,6 +146,14 @@ class DecoderSession:
         ids = list(ids)
         self.reserve(len(self.tokens) + len(ids))
         chunk = self.config.prefill_chunk
+        switch = self.manifest.kv_cache.recompute_past_at
+        if switch and len(self.tokens) <= switch < len(self.tokens) + len(ids):
+            # LongRoPE: past `switch` positions every key uses the long factors, so the cached (short) keys are
+            # recomputed, in one pass: a first chunk short of the switch would be rotated with the short ones.
+            fed, ids = len(ids), self.tokens + ids
+            self.reset()
+            logits = self._forward(ids, all_logits)
+            return logits[-fed:] if all_logits else logits
         if chunk <= 0 or len(ids) <= chunk:
             return self._forward(ids, all_logits)
         rows = [self._forward(ids[i:i + chunk], all_logits) for i in range(0, len(ids), chunk)]
