@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .cache import CachedModel, cached_models, find_cached, remove_cached
 from .catalog import CATALOG, is_catalog_name
 from .errors import ModelNotFoundError, UnsupportedModelError
 from .package import exclusive, read_manifest
@@ -62,12 +63,35 @@ def resolve_model(model: str | os.PathLike, *, progress: Progress | None = None)
     if is_catalog_name(text) and not Path(text).exists():
         return pull(text, progress=progress)
     path = Path(text).expanduser()
+    if not path.exists() and (cached := find_cached(cache_dir(), text)) is not None:
+        return cached  # a name `onnxllm list` shows
     if not path.exists():
         raise ModelNotFoundError(
             f"{text} does not exist; give a model package folder, a path to its model.onnx, or a catalog name "
             f"({', '.join(CATALOG)})"
         )
     return path
+
+
+def resolve_served_model(model: str | os.PathLike, *, progress: Progress | None = None) -> tuple[str, Path]:
+    """(name, package folder) for a server: a catalog name keeps its name, a folder is named after itself."""
+    from .package import find_package_root
+
+    text = str(model)
+    root = find_package_root(resolve_model(model, progress=progress))
+    read_manifest(root)  # a broken package fails now, at start, not on its first request
+    name = CATALOG[text.lower()].name if is_catalog_name(text) and not Path(text).exists() else root.name
+    return name, root
+
+
+def list_models() -> list[CachedModel]:
+    """The packages in the cache folder (name, size, variants, family, source), like `ollama list`."""
+    return cached_models(cache_dir())
+
+
+def remove_model(name: str) -> CachedModel:
+    """Delete a package from the cache folder by the name `list_models` gives (never a path)."""
+    return remove_cached(cache_dir(), name)
 
 
 def load(model: str | os.PathLike, device: str = "auto", variant: str | None = None, *, threads: int | None = None,

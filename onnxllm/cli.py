@@ -362,6 +362,74 @@ def bench(model, variant, prompt_tokens, gen_tokens, runs, threads, device, draf
 
 
 @cli.command()
+@click.argument("models", nargs=-1)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0 = any free port.")
+@click.option("--api-key", envvar="ONNXLLM_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/* (or set ONNXLLM_API_KEY).")
+@click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True,
+              help="Requests that may wait for one model; more get 503 with Retry-After.")
+@click.option("--keep-alive", default="5m", show_default=True,
+              help="Unload a model after this idle time (300, 30s, 5m, 1h; -1 = never).")
+@click.option("--cors", multiple=True, metavar="ORIGIN", help="Let web pages from ORIGIN call the API (repeatable).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "dml"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(1), help="CPU threads per model (default: all cores).")
+@click.option("--context", type=click.IntRange(1), help="Context length to allow (default: the model's).")
+@handle_errors
+def serve(models, host, port, api_key, max_queue, keep_alive, cors, device, threads, context):
+    """OpenAI-compatible HTTP server for MODELs (catalog names, package folders, cached names; default: the
+    catalog default). Chat page at /, API under /v1."""
+    from .serve import ServeOptions, parse_duration, run as run_server
+
+    options = ServeOptions(models=tuple(models), host=host, port=port, api_key=api_key, max_queue=max_queue,
+                           keep_alive_s=parse_duration(keep_alive), cors_origins=tuple(cors), device=device,
+                           threads=threads, context=context).validate()
+    for warning in options.warnings():
+        click.echo(click.style(f"warning: {warning}", fg="yellow"), err=True)
+    run_server(options, progress=_progress)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+@cli.command(name="list")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def list_cmd(as_json):
+    """Models in the cache folder: name, size, variants, family, source."""
+    from .api import cache_dir, list_models
+
+    models = list_models()
+    if as_json:
+        click.echo(json.dumps([m.as_dict() for m in models], indent=2))
+        return
+    if not models:
+        click.echo(f"no models in {cache_dir()}; `onnxllm run smollm2-135m-instruct` makes one", err=True)
+        return
+    rows = [("NAME", "SIZE", "VARIANTS", "FAMILY", "SOURCE")]
+    rows += [(m.name, _human_bytes(m.bytes), ",".join(m.variants), m.family, m.source) for m in models]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+
+
+@cli.command(name="rm")
+@click.argument("names", nargs=-1, required=True)
+@handle_errors
+def rm_cmd(names):
+    """Delete models from the cache folder by the names `onnxllm list` shows."""
+    from .api import remove_model
+
+    for name in names:
+        removed = remove_model(name)
+        click.echo(f"removed {removed.name} ({_human_bytes(removed.bytes)})")
+
+
+@cli.command()
 @handle_errors
 def doctor():
     """What is installed, which execution providers work here, what to fix."""

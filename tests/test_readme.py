@@ -37,7 +37,8 @@ def test_streaming_and_chat_example(smollm2_package):
 def test_every_cli_command_in_readme_exists():
     usage = next(code for lang, code in BLOCKS if lang == "bash" and "onnxllm export" in code)
     commands = set(re.findall(r"^onnxllm (\w+)", usage, flags=re.M))
-    assert commands == {"export", "quantize", "run", "chat", "info", "eval", "bench", "doctor"}
+    assert commands == {"export", "quantize", "run", "chat", "info", "eval", "bench", "serve", "list", "rm",
+                        "doctor"}
     out = subprocess.run([sys.executable, "-m", "onnxllm.cli", "--help"], capture_output=True, text=True).stdout
     for command in commands:
         assert re.search(rf"^\s+{command}\b", out, flags=re.M), command

@@ -1,0 +1,33 @@
+"""POST /v1/chat/completions: messages through the model's chat template, streamed or whole."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from ..answers import Envelope, chat_completion, chat_events
+from ..schemas import ChatCompletionRequest
+from ..sse import EventStream, cancel_on_disconnect
+from .common import refuse, registry
+
+router = APIRouter()
+
+
+def _check(body: ChatCompletionRequest) -> None:
+    if body.logprobs or body.top_logprobs:
+        raise refuse("logprobs", "log-probabilities are not supported yet")
+    if body.tools:
+        raise refuse("tools", "tool calls are not supported yet")
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    _check(body)
+    messages, options = body.template_messages(), body.generation_options()
+    run = registry(request).open(body.model, lambda model, cancel: model.stream(messages, cancel=cancel, **options))
+    env = Envelope.new(body.model, "chatcmpl")
+    async with cancel_on_disconnect(request.receive, run.cancel):
+        await run.ready()
+        if not body.stream:
+            return JSONResponse((await chat_completion(run, env)).model_dump(exclude_none=True))
+    return EventStream(chat_events(run, env, include_usage=body.include_usage), run.cancel)
