@@ -6,9 +6,11 @@ from .api import export, generate, load, pull, quantize, stream  # noqa: E402
 from .errors import (ContextOverflowError, DeviceError, ExportError, GenerationError,  # noqa: E402
                      InvalidPackageError, ModelNotFoundError, OfflineError, OnnxLLMError, QuantizeError,
                      UnsupportedModelError)
+from .runtime.chat_template import ChatVariables  # noqa: E402
 from .runtime.generate import Chunk, GenerationConfig, GenerationResult  # noqa: E402
 
 __all__ = ["load", "export", "quantize", "generate", "stream", "pull", "GenerationConfig", "GenerationResult",
-           "Chunk", "OnnxLLMError", "ContextOverflowError", "DeviceError", "ExportError", "GenerationError",
+           "Chunk", "ChatVariables",
+           "OnnxLLMError", "ContextOverflowError", "DeviceError", "ExportError", "GenerationError",
            "InvalidPackageError", "ModelNotFoundError", "OfflineError", "QuantizeError", "UnsupportedModelError",
            "__version__"]

@@ -39,7 +39,8 @@ FAMILIES = {
     "llama-rope-llama3": ("llama", {"rope_parameters": {
         "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": SWITCH}}, {}),
-    "llama-rope-linear": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}, {}),
+    "llama-rope-linear": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0,
+                                                        "factor": 2.0}}, {}),
     "llama-rope-yarn": ("llama", {"rope_parameters": {
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}}, {}),
     "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True}, {}),

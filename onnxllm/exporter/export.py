@@ -105,7 +105,12 @@ def _load_hf(src: Source, opts: ExportOptions) -> _Loaded:
         special = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, (str, list))}
         write_text_atomic(out / "special_tokens_map.json", json.dumps(special, indent=2, ensure_ascii=False))
 
-    add_bos = bool(getattr(tok, "add_bos_token", False))
+    # What the tokenizer does, not what its config says: transformers 5 adds a BOS through the post-processor
+    # (Gemma, Llama 2) while `add_bos_token` may be unset.
+    probe = "a"
+    with_special, plain = tok(probe)["input_ids"], tok(probe, add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id
+    add_bos = bos is not None and with_special[:1] == [bos] and plain[:1] != [bos]
     return _Loaded(model, eos, tok.bos_token_id, add_bos, template, write)
 
 
@@ -238,7 +243,8 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
                 parameters=sum(p.numel() for p in model.parameters()),
             ),
             io=IO_NAMES,
-            kv_cache=KVCacheSpec(dtype=options.dtype, recompute_past_at=max((t.switch for t in weights.rope), default=0)),
+            kv_cache=KVCacheSpec(dtype=options.dtype,
+                                 recompute_past_at=max((t.switch for t in weights.rope), default=0)),
             variants={scheme: variant},
             default_variant={"cpu": scheme, "cuda": scheme, "dml": scheme},
             eos_token_ids=loaded.eos_token_ids,

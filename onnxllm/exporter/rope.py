@@ -49,7 +49,8 @@ def _table(rotary, config, layer_type: str | None) -> RopeTable:
     kind = _rope_type(rotary, layer_type)
     if kind not in SUPPORTED_ROPE:
         raise UnsupportedModelError(
-            f"rope_type {kind!r} changes with sequence length and is not supported; supported: {', '.join(SUPPORTED_ROPE)}"
+            f"rope_type {kind!r} changes with sequence length and is not supported; "
+            f"supported: {', '.join(SUPPORTED_ROPE)}"
         )
     prefix = f"{layer_type}_" if layer_type else ""
     if kind == "longrope":

@@ -24,7 +24,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from onnxllm.errors import GenerationError, InvalidPackageError
 
-__all__ = ["ChatTemplate"]
+__all__ = ["ChatTemplate", "ChatVariables"]
 
 # Older Jinja releases have known sandbox escapes (CVE-2024-56201, CVE-2024-56326, CVE-2025-27516).
 _MIN_JINJA = (3, 1, 6)
@@ -153,6 +153,18 @@ def _validate_messages(messages: Any) -> list[dict]:
         # Drop None values as transformers does: templates handle a missing key, not a literal None.
         out.append({k: v for k, v in message.items() if v is not None})
     return _plain(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatVariables:
+    """What a template may read besides the messages, as transformers' `apply_chat_template(tools=...,
+    enable_thinking=...)` passes it. None leaves a variable out, so the template's own default applies."""
+
+    tools: Sequence[Mapping[str, Any]] | None = None  # OpenAI-style specs: {"type": "function", "function": {...}}
+    enable_thinking: bool | None = None  # Qwen3's switch: False renders an empty <think></think> block
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in (("tools", self.tools), ("enable_thinking", self.enable_thinking)) if v is not None}
 
 
 class ChatTemplate:

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 from ..errors import ContextOverflowError, DeviceError, GenerationError, InvalidPackageError
 from ..package import Manifest, find_package_root, read_manifest, safe_path
-from .chat_template import ChatTemplate
+from .chat_template import ChatTemplate, ChatVariables
 from .generate import Chunk, GenerationConfig, GenerationResult, generate_tokens, stream_text
 from .providers import ProviderChoice, select_providers, session_options
 from .session import DecoderSession, SessionConfig, open_session
@@ -84,13 +84,15 @@ class Model:
             ids = [self.manifest.bos_token_id, *ids]
         return ids
 
-    def render(self, messages: Messages, *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Messages, *, add_generation_prompt: bool = True,
+               variables: ChatVariables = ChatVariables()) -> str:
+        """The chat template applied to `messages`; `variables` carries tools and switches like enable_thinking."""
         if self.template is None:
             raise GenerationError(f"this model ({self.root.name}) has no chat template; pass a plain prompt (--raw)")
         for m in messages:
             if isinstance(m, dict) and isinstance(m.get("content"), str):
                 _check_text(m["content"])
-        return self.template.render(messages, add_generation_prompt=add_generation_prompt)
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt, **variables.as_dict())
 
     def prompt_ids(self, prompt: str | Messages, *, chat: bool = False, system: str | None = None) -> list[int]:
         if isinstance(prompt, list):
@@ -103,9 +105,9 @@ class Model:
             return self.encode_chat(messages)
         return self.encode(text)
 
-    def encode_chat(self, messages: Messages) -> list[int]:
+    def encode_chat(self, messages: Messages, *, variables: ChatVariables = ChatVariables()) -> list[int]:
         # Templates write their own BOS/special tokens as text; the tokenizer maps them to ids.
-        return self.tokenizer.encode(self.render(messages), add_special_tokens=False).ids
+        return self.tokenizer.encode(self.render(messages, variables=variables), add_special_tokens=False).ids
 
     # -- generation ----------------------------------------------------------------------------
     def config(self, **options) -> GenerationConfig:
