@@ -213,3 +213,20 @@ def test_export_help_and_readme_list_every_family():
     for name in REGISTRY:
         assert name in out, name
         assert f"`{name}`" in readme, name
+
+
+def test_cli_exports_runs_and_says_how_the_graph_differs(tmp_path):
+    """A family whose rotary dimension GroupQueryAttention cannot rotate: the CLI says so, the package runs."""
+    from click.testing import CliRunner
+
+    from onnxllm.cli import cli
+
+    model_type, overrides, _ = FAMILIES["phi3-longrope-partial-outside"]
+    ckpt = make_tiny_checkpoint(tmp_path, model_type, **overrides)
+    runner = CliRunner()
+    out = runner.invoke(cli, ["export", str(ckpt), "-o", str(tmp_path / "pkg")])
+    assert out.exit_code == 0, out.output
+    assert "graph: rotary dimension [24]" in out.output and "LongRoPE" in out.output
+    run = runner.invoke(cli, ["run", str(tmp_path / "pkg"), "the", "--raw", "--max-tokens", "24", "--json"])
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.output.strip().splitlines()[-1])["finish_reason"] in ("length", "eos")
