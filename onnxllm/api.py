@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 from .cache import CachedModel, cached_models, find_cached, remove_cached
 from .catalog import CATALOG, is_catalog_name
 from .errors import ModelNotFoundError, UnsupportedModelError
-from .package import exclusive, read_manifest
+from .package import check_can_create, exclusive, read_manifest
 from .runtime.generate import Chunk, GenerationResult
 from .runtime.model import LoadOptions, Model, load_package
 
@@ -43,6 +43,7 @@ def pull(name: str, *, progress: Progress | None = None) -> Path:
         raise ModelNotFoundError(f"{name!r} is not in the catalog; known: {', '.join(CATALOG)}")
     entry = CATALOG[name.lower()]
     target = cache_dir() / entry.name
+    check_can_create(target, fix="set $ONNXLLM_CACHE to a folder you can write to")
     # Two first runs at once (two terminals, two app instances) must not export into one folder.
     with exclusive(cache_dir() / f".{entry.name}.lock"):
         wanted = {entry.default_variant, entry.fallback_variant} - {None}

@@ -197,7 +197,7 @@ def _interactive(model, options: dict, system: str | None, verbose: bool) -> Non
             continue
         if not text.strip():
             continue
-            last = None
+        last = None  # a turn that fails or is stopped before its first token has no stats to print
         try:
             for chunk in chat.send(text, **options):
                 click.echo(chunk.text, nl=False)

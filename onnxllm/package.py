@@ -263,6 +263,26 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def check_can_create(path: str | os.PathLike, *, fix: str = "choose another folder") -> None:
+    """Fail at once, naming `path`, when it cannot be created (or replaced) in its folder; creates nothing.
+
+    Called before minutes of loading and converting, so a bad -o fails in a second, not at save.
+    Probes the nearest existing folder above `path` with a real temp folder: permission bits say
+    nothing for root or on read-only mounts.
+    """
+    path = Path(path).absolute()
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InvalidPackageError(f"cannot create {path}: {existing} is not a folder; {fix}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".onnxllm-probe.", dir=existing))
+    except OSError as exc:
+        raise InvalidPackageError(
+            f"cannot create {path}: cannot write to {existing} ({exc.strerror or exc}); {fix}") from None
+
+
 def write_manifest(root: str | os.PathLike, manifest: Manifest) -> None:
     write_text_atomic(Path(root) / MANIFEST, manifest.to_json())
 

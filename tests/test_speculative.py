@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from test_cli import cli
+from _helpers import cli
 from test_runtime import FakeSession
 
 import onnxllm

@@ -16,8 +16,8 @@ from typing import Callable
 
 from .. import __version__
 from ..errors import ExportError, InvalidPackageError, OnnxLLMError
-from ..package import (FORMAT_VERSION, Architecture, KVCacheSpec, Manifest, Variant, onnx_bytes, sha256_file,
-                       staging_dir, write_manifest, write_text_atomic)
+from ..package import (FORMAT_VERSION, Architecture, KVCacheSpec, Manifest, Variant, check_can_create, onnx_bytes,
+                       sha256_file, staging_dir, write_manifest, write_text_atomic)
 from ..package import save_onnx as _save_onnx
 from .architectures import REGISTRY, DecoderWeights, describe_graph, extract_weights
 from .graph import IO_NAMES, build_decoder
@@ -182,6 +182,7 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
         )
     if options.dtype not in ("float32", "float16"):
         raise ExportError(f"dtype {options.dtype!r} is not supported; use float32 or float16")
+    check_can_create(out_dir, fix="choose another output folder")  # before minutes of loading, not at save
     timings: dict = {}
     src = resolve_source(source, allow_pickle=options.allow_pickle)
     with _step(progress, "loading", timings):

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import QuantizeError
-from ..package import Variant, onnx_bytes, read_manifest, safe_path, write_manifest
+from ..package import MANIFEST, Variant, check_can_create, onnx_bytes, read_manifest, safe_path, write_manifest
 from ..package import save_onnx as _save
 from .dynamic import CALIBRATION_TEXT, smooth_and_convert
 from .gguf_blocks import GGUFBlocks, find_source_gguf, matches_dense
@@ -360,6 +360,8 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
         raise QuantizeError(f"{root} already has the {scheme} variant ({spec.file}); pass --force (force=True) "
                             "to rebuild it")
     base_path = safe_path(root, manifest.variants[base].file)
+    for path in (final, root / MANIFEST):  # before loading and converting the base, not at save
+        check_can_create(path, fix="copy the package to a folder you can write to")
     exclude = tuple(exclude)
     notes: list[str] = []
 
