@@ -17,9 +17,9 @@ from onnxllm.serve import ServeOptions, build_app
 
 
 class LiveServer:
-    def __init__(self, options: ServeOptions):
+    def __init__(self, options: ServeOptions, *, app=None):
         self.options = options
-        self.app = build_app(options)
+        self.app = build_app(options) if app is None else app
         self.registry = self.app.state.registry
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)

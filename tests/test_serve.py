@@ -165,6 +165,9 @@ BAD_REQUESTS = [
     ({**OK, "messages": [{"role": "user", "content": "a\x00b"}]}, 400, None, "invalid_value"),
     ({**OK, "stop": 5}, 400, "stop", "invalid_value"),
     ({**OK, "response_format": {"type": "xml"}}, 400, "response_format.type", "invalid_value"),
+    ({**OK, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "invalid_value"),  # no tools
+    ({**OK, "tools": [{"type": "function", "function": {"name": "bad name!"}}]}, 400, "tools.0.function.name",
+     "invalid_value"),
 ]
 
 

@@ -129,6 +129,7 @@ class Chunk:
     token: int | None
     finish_reason: str | None = None
     timings: Timings | None = None
+    tool_calls: tuple = ()  # ToolCalls completed by this chunk (only when tools were given)
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str
     timings: Timings = field(default_factory=Timings)
+    tool_calls: list = field(default_factory=list)  # ToolCalls the model made (only when tools were given)
 
 
 class Session(Protocol):

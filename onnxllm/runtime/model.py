@@ -18,6 +18,7 @@ from .chat_template import ChatTemplate, ChatVariables
 from .generate import Chunk, GenerationConfig, GenerationResult, generate_tokens, stream_text
 from .providers import ProviderChoice, select_providers, session_options
 from .session import DecoderSession, SessionConfig, open_session
+from .tool_calls import ToolCallFormat, check_tools, filter_tool_calls, format_for_template
 
 Messages = list[dict]
 
@@ -63,6 +64,8 @@ class Model:
         self.tokenizer = tokenizer
         self.template = template
         self.providers = choice
+        # How this model writes tool calls, read from its chat template (None: the template takes no tools).
+        self.tool_format = format_for_template(template.source if template is not None else None)
         self.defaults = GenerationConfig().updated(**{
             k: v for k, v in {"max_tokens": manifest.generation.get("max_new_tokens"),
                               "temperature": manifest.generation.get("temperature"),
@@ -94,15 +97,28 @@ class Model:
                 _check_text(m["content"])
         return self.template.render(messages, add_generation_prompt=add_generation_prompt, **variables.as_dict())
 
-    def prompt_ids(self, prompt: str | Messages, *, chat: bool = False, system: str | None = None) -> list[int]:
+    def tool_call_format(self, tools: list[dict] | None) -> ToolCallFormat | None:
+        """The format to parse calls to `tools` in; a clear error when this model's template takes no tools."""
+        if not tools:
+            return None
+        if self.tool_format is None:
+            raise GenerationError(f"tools cannot be used with this model ({self.root.name}): its chat template does "
+                                  "not take them in a known format (Hermes <tool_call>, Llama 3 JSON, Mistral "
+                                  "[TOOL_CALLS]); leave tools out")
+        return self.tool_format
+
+    def prompt_ids(self, prompt: str | Messages, *, chat: bool = False, system: str | None = None,
+                   tools: list[dict] | None = None) -> list[int]:
         if isinstance(prompt, list):
-            return self.encode_chat(prompt)
+            return self.encode_chat(prompt, variables=ChatVariables(tools=tools))
+        if tools and not chat:
+            raise GenerationError("tools need a chat: pass a list of messages (or chat=True)")
         text = _check_text(prompt)
         if not text:
             raise GenerationError("the prompt is empty; give some text")
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-            return self.encode_chat(messages)
+            return self.encode_chat(messages, variables=ChatVariables(tools=tools))
         return self.encode(text)
 
     def encode_chat(self, messages: Messages, *, variables: ChatVariables = ChatVariables()) -> list[int]:
@@ -146,23 +162,28 @@ class Model:
             self._malloc_trim(0)
 
     def stream(self, prompt: str | Messages, *, cancel: threading.Event | None = None, chat: bool = False,
-               system: str | None = None, **options) -> Iterator[Chunk]:
+               system: str | None = None, tools: list[dict] | None = None, **options) -> Iterator[Chunk]:
         """Yield Chunks as they are generated; the last one carries finish_reason and timings.
 
         Breaking out of the loop, or setting `cancel` from another thread, stops generation within
-        one token; the model stays ready for the next call.
+        one token; the model stays ready for the next call. `tools` (OpenAI-shaped function
+        definitions) go to the chat template; the model's calls come out on `Chunk.tool_calls`, not in
+        the text.
         """
         config = self.config(**options)
-        ids = self.prompt_ids(prompt, chat=chat, system=system)
-        return self.stream_ids(ids, config, cancel=cancel, clip=options.get("max_tokens") is None)
+        tools = check_tools(tools)
+        fmt = self.tool_call_format(tools)
+        ids = self.prompt_ids(prompt, chat=chat, system=system, tools=tools)
+        chunks = self.stream_ids(ids, config, cancel=cancel, clip=options.get("max_tokens") is None)
+        return chunks if fmt is None else filter_tool_calls(chunks, fmt, _tool_names(tools))
 
     def generate(self, prompt: str | Messages, *, cancel: threading.Event | None = None, chat: bool = False,
-                 system: str | None = None, **options) -> GenerationResult:
-        """The whole answer: text, token ids, finish reason (stop, length, eos, cancelled), timings."""
-        return collect(self.stream(prompt, cancel=cancel, chat=chat, system=system, **options))
+                 system: str | None = None, tools: list[dict] | None = None, **options) -> GenerationResult:
+        """The whole answer: text, token ids, finish reason (stop, length, eos, cancelled), timings, tool calls."""
+        return collect(self.stream(prompt, cancel=cancel, chat=chat, system=system, tools=tools, **options))
 
-    def chat(self, system: str | None = None, **options) -> "Chat":
-        return Chat(self, system=system, **options)
+    def chat(self, system: str | None = None, *, tools: list[dict] | None = None, **options) -> "Chat":
+        return Chat(self, system=system, tools=tools, **options)
 
     def info(self) -> dict:
         from .info import package_info
@@ -191,25 +212,32 @@ class _Retired:
         return self.model._epoch != self.epoch or (self.cancel is not None and self.cancel.is_set())
 
 
+def _tool_names(tools: list[dict]) -> list[str]:
+    return [t["function"]["name"] for t in tools]
+
+
 def collect(chunks: Iterator[Chunk]) -> GenerationResult:
-    text, tokens, finish, timings = [], [], "length", None
+    text, tokens, finish, timings, calls = [], [], "length", None, []
     for chunk in chunks:
         text.append(chunk.text)
+        calls.extend(chunk.tool_calls)
         if chunk.token is not None:
             tokens.append(chunk.token)
         if chunk.finish_reason:
             finish, timings = chunk.finish_reason, chunk.timings
-    return GenerationResult("".join(text), tokens, finish, timings)
+    return GenerationResult("".join(text), tokens, finish, timings, calls)
 
 
 class Chat:
     """A multi-turn conversation; the KV cache carries over, so each turn prefills only new tokens."""
 
-    def __init__(self, model: Model, *, system: str | None = None, **options):
+    def __init__(self, model: Model, *, system: str | None = None, tools: list[dict] | None = None, **options):
         if model.template is None:
             raise GenerationError("this model has no chat template; use model.generate() with a plain prompt")
         self.model = model
         self.system = system
+        self.tools = check_tools(tools)
+        self.tool_format = model.tool_call_format(self.tools)
         self.options = options
         self.messages: Messages = []
         self.reset()
@@ -220,7 +248,7 @@ class Chat:
     def _fit(self, config: GenerationConfig, clip: bool) -> list[int]:
         """Token ids of the conversation; drops the oldest turns only when asked to (never silently)."""
         while True:
-            ids = self.model.encode_chat(self.messages)
+            ids = self.model.encode_chat(self.messages, variables=ChatVariables(tools=self.tools))
             if len(ids) + config.max_tokens <= self.model.session.context:
                 return ids
             if clip and len(ids) < self.model.session.context - 16:
@@ -239,22 +267,46 @@ class Chat:
         text = _check_text(text)
         if not text.strip():
             raise GenerationError("the message is empty; type something")
+        yield from self._reply({"role": "user", "content": text}, cancel, options)
+
+    def add_tool_result(self, call_id: str, content: str, *, name: str | None = None) -> None:
+        """Give the model what a tool call returned (a `role: "tool"` message); then `respond()`."""
+        message = {"role": "tool", "tool_call_id": call_id, "content": _check_text(content)}
+        self.messages.append({**message, "name": name} if name else message)
+
+    def respond(self, *, cancel: threading.Event | None = None, **options) -> Iterator[Chunk]:
+        """Stream the assistant's next turn without a new user message (after tool results)."""
+        yield from self._reply(None, cancel, options)
+
+    def _reply(self, message: dict | None, cancel: threading.Event | None, options: dict) -> Iterator[Chunk]:
         merged = {**self.options, **options}
         clip = merged.get("max_tokens") is None
         config = self.model.config(**merged)
-        self.messages.append({"role": "user", "content": text})
+        if message is not None:
+            self.messages.append(message)
         try:
             ids = self._fit(config, clip)
         except Exception:
-            self.messages.pop()
+            if message is not None:
+                self.messages.pop()
             raise
-        reply = []
+        yield from self._run(ids, config, cancel, clip)
+
+    def _run(self, ids: list[int], config: GenerationConfig, cancel, clip: bool) -> Iterator[Chunk]:
+        reply, calls = [], []
+        chunks = self.model.stream_ids(ids, config, cancel=cancel, clip=clip)
+        if self.tool_format is not None:
+            chunks = filter_tool_calls(chunks, self.tool_format, _tool_names(self.tools))
         try:
-            for chunk in self.model.stream_ids(ids, config, cancel=cancel, clip=clip):
+            for chunk in chunks:
                 reply.append(chunk.text)
+                calls.extend(chunk.tool_calls)
                 yield chunk
         finally:
-            self.messages.append({"role": "assistant", "content": "".join(reply)})
+            turn = {"role": "assistant", "content": "".join(reply)}
+            if calls:
+                turn["tool_calls"] = [c.as_message() for c in calls]
+            self.messages.append(turn)
 
     def ask(self, text: str, **options) -> GenerationResult:
         return collect(self.send(text, **options))

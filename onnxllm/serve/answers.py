@@ -14,7 +14,8 @@ from .. import __version__
 from ..runtime.generate import Chunk, Timings
 from .registry import ChunkStream
 from .schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
-                      Completion, CompletionChoice, PromptTokensDetails, Usage)
+                      Completion, CompletionChoice, FunctionCall, FunctionCallDelta, PromptTokensDetails, ToolCall,
+                      ToolCallDelta, Usage)
 from .sse import DONE, event
 
 FINGERPRINT = f"onnxllm-{__version__}"
@@ -43,21 +44,31 @@ def usage(timings: Timings | None) -> Usage:
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=t.cached_tokens))
 
 
-async def collect(run: ChunkStream) -> tuple[str, Chunk | None]:
-    """The whole text and the final chunk (finish_reason, timings)."""
-    parts, last = [], None
+def _finish(last: Chunk | None, called: bool) -> str:
+    return "tool_calls" if called else FINISH[last.finish_reason] if last else "stop"
+
+
+def _tool_call(call) -> ToolCall:
+    return ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments_json))
+
+
+async def collect(run: ChunkStream) -> tuple[str, Chunk | None, list]:
+    """The whole text, the final chunk (finish_reason, timings) and the tool calls."""
+    parts, last, calls = [], None, []
     async for chunk in run:
         parts.append(chunk.text)
+        calls.extend(chunk.tool_calls)
         if chunk.finish_reason:
             last = chunk
-    return "".join(parts), last
+    return "".join(parts), last, calls
 
 
 async def chat_completion(run: ChunkStream, env: Envelope) -> ChatCompletion:
-    text, last = await collect(run)
-    finish = FINISH[last.finish_reason] if last else "stop"
+    text, last, calls = await collect(run)
+    message = AssistantMessage(content=text or None if calls else text,
+                               tool_calls=[_tool_call(c) for c in calls] or None)
     return ChatCompletion(id=env.id, created=env.created, model=env.model, system_fingerprint=FINGERPRINT,
-                          choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=finish)],
+                          choices=[ChatChoice(message=message, finish_reason=_finish(last, bool(calls)))],
                           usage=usage(last.timings if last else None))
 
 
@@ -68,13 +79,19 @@ async def chat_events(run: ChunkStream, env: Envelope, *, include_usage: bool) -
                                          choices=[ChatChunkChoice(delta=delta, finish_reason=finish)]))
 
     yield chunk(ChatDelta(role="assistant", content=""))
-    last = None
+    last, called = None, 0
     async for piece in run:
         if piece.text:
             yield chunk(ChatDelta(content=piece.text))
+        if piece.tool_calls:  # a call is parsed whole, so it goes out as one delta with all its arguments
+            deltas = [ToolCallDelta(index=called + i, id=c.id, type="function",
+                                    function=FunctionCallDelta(name=c.name, arguments=c.arguments_json))
+                      for i, c in enumerate(piece.tool_calls)]
+            called += len(deltas)
+            yield chunk(ChatDelta(tool_calls=deltas))
         if piece.finish_reason:
             last = piece
-            yield chunk(ChatDelta(), FINISH[piece.finish_reason])
+            yield chunk(ChatDelta(), _finish(piece, bool(called)))
     if include_usage:
         yield event(ChatCompletionChunk(id=env.id, created=env.created, model=env.model,
                                         system_fingerprint=FINGERPRINT, choices=[],
@@ -83,7 +100,7 @@ async def chat_events(run: ChunkStream, env: Envelope, *, include_usage: bool) -
 
 
 async def completion(run: ChunkStream, env: Envelope, *, echo: str = "") -> Completion:
-    text, last = await collect(run)
+    text, last, _ = await collect(run)
     finish = FINISH[last.finish_reason] if last else "stop"
     return Completion(id=env.id, created=env.created, model=env.model, system_fingerprint=FINGERPRINT,
                       choices=[CompletionChoice(text=echo + text, finish_reason=finish)],

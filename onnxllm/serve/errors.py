@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field, fields
 
 from ..errors import ContextOverflowError, GenerationError, ModelNotFoundError, OnnxLLMError
@@ -11,7 +12,8 @@ from .schemas import ErrorBody, ErrorResponse
 
 log = logging.getLogger("onnxllm.serve")
 
-_GENERATION_FIELDS = {f.name for f in fields(GenerationConfig)}
+# Request fields that onnxllm's own messages start with ("temperature must be...", "messages[0]['role']...").
+_PARAMS = {f.name for f in fields(GenerationConfig)} | {"messages", "tools", "prompt"}
 
 
 @dataclass
@@ -31,8 +33,8 @@ class APIError(Exception):
 
 def _param_of(message: str) -> str | None:
     # GenerationConfig.validate and the sampler start their messages with the option's name.
-    word = message.split(" ", 1)[0]
-    return word if word in _GENERATION_FIELDS else None
+    word = re.match(r"\w*", message).group(0)
+    return word if word in _PARAMS else None
 
 
 def _validation_error(exc) -> APIError:

@@ -16,15 +16,23 @@ router = APIRouter()
 def _check(body: ChatCompletionRequest) -> None:
     if body.logprobs or body.top_logprobs:
         raise refuse("logprobs", "log-probabilities are not supported yet")
-    if body.tools:
-        raise refuse("tools", "tool calls are not supported yet")
+    if body.tool_choice == "required" or not isinstance(body.tool_choice, (str, type(None))):
+        raise refuse("tool_choice", "forcing a tool call needs constrained decoding; use 'auto' or 'none'")
+
+
+def _tools(body: ChatCompletionRequest) -> list[dict] | None:
+    """The tool definitions for the template; tool_choice 'none' keeps them from the model altogether."""
+    if not body.tools or body.tool_choice == "none":
+        return None
+    return [tool.model_dump(exclude_none=True) for tool in body.tools]
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     _check(body)
-    messages, options = body.template_messages(), body.generation_options()
-    run = registry(request).open(body.model, lambda model, cancel: model.stream(messages, cancel=cancel, **options))
+    messages, options, tools = body.template_messages(), body.generation_options(), _tools(body)
+    run = registry(request).open(
+        body.model, lambda model, cancel: model.stream(messages, cancel=cancel, tools=tools, **options))
     env = Envelope.new(body.model, "chatcmpl")
     async with cancel_on_disconnect(request.receive, run.cancel):
         await run.ready()
