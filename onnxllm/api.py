@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from .cache import CachedModel, cached_models, find_cached, remove_cached
 from .catalog import CATALOG, is_catalog_name
 from .errors import ModelNotFoundError, UnsupportedModelError
 from .package import check_can_create, exclusive, read_manifest
+from .runtime.embed import EmbeddingModel, Embeddings, SearchHit, no_embedding_mode
 from .runtime.generate import Chunk, GenerationResult
 from .runtime.model import LoadOptions, Model, load_package
 
@@ -97,8 +98,10 @@ def remove_model(name: str) -> CachedModel:
 
 def load(model: str | os.PathLike, device: str = "auto", variant: str | None = None, *, threads: int | None = None,
          context: int | None = None, kv_mode: str = "shared", io_binding: bool = True, prefill_chunk: int = 256,
-         progress: Progress | None = None) -> Model:
+         progress: Progress | None = None) -> Model | EmbeddingModel:
     """Load a package folder, a path to its .onnx, or a catalog name (exported on first use).
+
+    An embedding package loads as an EmbeddingModel (`embed`, `search`); a decoder as a Model.
 
     `prefill_chunk`: prompts longer than this are fed this many tokens per pass (0: all at once)."""
     path = resolve_model(model, progress=progress)
@@ -141,4 +144,27 @@ def quantize(package: str | os.PathLike, scheme: str, **options):
     if not Path(package).is_dir():
         return _quantize(package, scheme, **options)  # raises its clear error; never create the folder
     with exclusive(Path(package) / ".onnxllm.lock"):  # the manifest is read at the start, written at the end
+        if read_manifest(package).kind == "embedding":
+            from .quantize.embedding import quantize_embedding
+
+            return quantize_embedding(package, scheme, force=options.get("force", False),
+                                      evaluate=options.get("evaluate", True), progress=options.get("progress"))
         return _quantize(package, scheme, **options)
+
+
+def embed(model: "Model | EmbeddingModel | str | os.PathLike", texts: str | Sequence[str], *, batch_size: int = 32,
+          normalize: bool | None = None, truncate: bool = True) -> Embeddings:
+    """Vectors for `texts`, float32 (N, D); `model` may be a loaded model or anything `load` accepts.
+
+    `result.truncated` lists the texts cut to the model's limit (truncate=False refuses them instead)."""
+    loaded = model if isinstance(model, (Model, EmbeddingModel)) else load(model)
+    return loaded.embed(texts, batch_size=batch_size, normalize=normalize, truncate=truncate)
+
+
+def search(model: "Model | EmbeddingModel | str | os.PathLike", query: str, corpus: Sequence[str], *, top_k: int = 5,
+           batch_size: int = 32) -> list[SearchHit]:
+    """The `top_k` texts of `corpus` most similar to `query` (cosine of their embeddings), best first."""
+    loaded = model if isinstance(model, (Model, EmbeddingModel)) else load(model)
+    if not isinstance(loaded, EmbeddingModel):
+        raise no_embedding_mode(loaded.root)
+    return loaded.search(query, corpus, top_k=top_k, batch_size=batch_size)

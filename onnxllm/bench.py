@@ -94,6 +94,9 @@ def run_bench(model: str, options: BenchOptions = BenchOptions(), *, progress: C
     m = load(model, device=options.device, variant=options.variant, threads=options.threads,
              prefill_chunk=options.prefill_chunk, progress=progress)
     load_s = time.perf_counter() - start
+    if m.manifest.kind == "embedding":
+        raise GenerationError(f"{m.root.name} is an embedding model: bench measures text generation; "
+                              "measure embeddings with benchmarks/embed.py")
     longest = max(options.prompt_tokens) + options.gen_tokens
     if longest > m.session.context:
         raise GenerationError(f"prompt {max(options.prompt_tokens)} + {options.gen_tokens} new tokens exceed the "

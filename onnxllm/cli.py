@@ -361,6 +361,90 @@ def bench(model, variant, prompt_tokens, gen_tokens, runs, threads, device, draf
     click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
 
 
+def _read_lines(path: str) -> list[str]:
+    """Non-empty lines of a UTF-8 file: one text each (a corpus, or texts to embed)."""
+    lines = [line.strip() for line in _read_text_file(path).splitlines()]
+    texts = [line for line in lines if line]
+    if not texts:
+        raise OnnxLLMError(f"{path} has no non-empty lines; put one text per line")
+    return texts
+
+
+def _load_embedding(model: str, variant: str | None, device: str, threads: int | None):
+    from .api import load
+
+    # A text-generation package loads too; its embed() is the one-line "no embedding mode" error.
+    return load(model, device=device, variant=variant, threads=threads, progress=_progress)
+
+
+def embedding_options(fn):
+    opts = [
+        click.option("--variant", help="Package variant (fp32, int8; default: best for the device)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "dml"]), default="auto", show_default=True),
+        click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all cores)."),
+        click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON result."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("texts", nargs=-1)
+@click.option("--file", "text_file", type=click.Path(exists=True, dir_okay=False),
+              help="UTF-8 file, one text per line (added after the TEXT arguments).")
+@click.option("--normalize/--no-normalize", default=None, help="L2-normalize (default: as the model was trained).")
+@click.option("--truncate/--no-truncate", default=True, show_default=True,
+              help="Cut texts over the model's token limit (and say so), or refuse them.")
+@embedding_options
+@handle_errors
+def embed(model, texts, text_file, normalize, truncate, variant, device, threads, batch_size, as_json):
+    """Embed TEXT... (or --file, or stdin lines) with an embedding MODEL: one vector per line."""
+    items = list(texts) + (_read_lines(text_file) if text_file else [])
+    if not items:
+        piped = _read_prompt(None)
+        items = [line.strip() for line in (piped or "").splitlines() if line.strip()]
+    if not items:
+        raise OnnxLLMError("nothing to embed: give TEXT arguments, --file FILE, or pipe lines on stdin")
+    m = _load_embedding(model, variant, device, threads)
+    vectors = m.embed(items, batch_size=batch_size, normalize=normalize, truncate=truncate)
+    if vectors.truncated:
+        which = ", ".join(str(i) for i in vectors.truncated)
+        click.echo(click.style(f"truncated to {m.max_tokens} tokens: text(s) {which}", fg="yellow"), err=True)
+    if as_json:
+        click.echo(json.dumps({"model": str(m.root), "variant": m.variant, "dimension": int(vectors.shape[1]),
+                               "embeddings": vectors.tolist(), "tokens": list(vectors.token_counts),
+                               "truncated": list(vectors.truncated)}))
+        return
+    for row in vectors:
+        click.echo(" ".join(f"{x:.6g}" for x in row))
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("query")
+@click.option("--corpus", "corpus_file", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="UTF-8 file, one document per line.")
+@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="How many hits to show.")
+@embedding_options
+@handle_errors
+def search(model, query, corpus_file, top_k, variant, device, threads, batch_size, as_json):
+    """Rank the lines of --corpus by cosine similarity to QUERY; print the top hits."""
+    from .api import search as api_search
+
+    corpus = _read_lines(corpus_file)
+    m = _load_embedding(model, variant, device, threads)
+    hits = api_search(m, query, corpus, top_k=top_k, batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps([{"rank": r, "index": h.index, "score": h.score, "text": h.text}
+                               for r, h in enumerate(hits, 1)], ensure_ascii=False))
+        return
+    for r, h in enumerate(hits, 1):
+        click.echo(f"{r:>2}. {h.score:.4f}  {h.text}")
+
+
 @cli.command()
 @click.argument("models", nargs=-1)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")

@@ -33,6 +33,10 @@ class GenerationError(OnnxLLMError):
     """Bad generation options or input (prompt too long, empty, out-of-range sampling values)."""
 
 
+class EmbeddingError(OnnxLLMError):
+    """Bad embedding input (an empty text, a non-string, a text over the limit with truncate=False)."""
+
+
 class ContextOverflowError(GenerationError):
     """Prompt plus max_tokens do not fit the context."""
 

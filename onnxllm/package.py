@@ -71,6 +71,22 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class EmbeddingSpec:
+    """What an embedding package's graph computes and how its inputs are made (kind == "embedding")."""
+
+    pooling: str  # mean | cls | lasttoken: applied in the graph, over the attention mask
+    normalize: bool  # L2-normalize by default (sentence-transformers' Normalize module was present)
+    dimension: int  # length of one vector
+    max_tokens: int  # longest input the model takes, special tokens included; longer texts are truncated
+    pad_token_id: int = 0
+    inputs: tuple[str, ...] = ("input_ids", "attention_mask")  # int64 (batch, sequence) each
+    output: str = "sentence_embedding"  # float32 (batch, dimension), before normalization
+
+
+EMBEDDING_POOLING = ("mean", "cls", "lasttoken")
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     exporter_version: str
@@ -88,6 +104,8 @@ class Manifest:
     generation: dict = field(default_factory=dict)
     verification: dict = field(default_factory=dict)
     format: str = "onnxllm"
+    kind: str = "decoder"  # decoder (generates text) | embedding (text -> one vector)
+    embedding: EmbeddingSpec | None = None  # set when kind == "embedding"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -121,6 +139,9 @@ _FIELD_TYPES = {
     ("KVCacheSpec", "recompute_past_at"): int,
     ("Variant", "file"): str, ("Variant", "scheme"): str, ("Variant", "dtype"): str, ("Variant", "bytes"): int,
     ("Variant", "method"): dict, ("Architecture", "model_type"): str,
+    ("EmbeddingSpec", "pooling"): str, ("EmbeddingSpec", "normalize"): bool, ("EmbeddingSpec", "dimension"): int,
+    ("EmbeddingSpec", "max_tokens"): int, ("EmbeddingSpec", "pad_token_id"): int, ("EmbeddingSpec", "inputs"): list,
+    ("EmbeddingSpec", "output"): str,
 }
 
 
@@ -186,6 +207,7 @@ def parse_manifest(data: Any) -> Manifest:
             raise InvalidPackageError(f"manifest: field '{key}' has the wrong type ({type(rest[key]).__name__})")
     if rest.get("chat_template") is not None and not isinstance(rest["chat_template"], str):
         raise InvalidPackageError("manifest: field 'chat_template' must be a file name or null")
+    kind, embedding = _parse_kind(data)
     return Manifest(
         format_version=version,
         exporter_version=str(data.get("exporter_version", "unknown")),
@@ -196,8 +218,27 @@ def parse_manifest(data: Any) -> Manifest:
         variants=variants,
         default_variant={str(k): str(v) for k, v in defaults.items()},
         eos_token_ids=list(eos),
+        kind=kind,
+        embedding=embedding,
         **rest,
     )
+
+
+def _parse_kind(data: dict) -> tuple[str, EmbeddingSpec | None]:
+    kind = data.get("kind", "decoder")
+    if kind not in ("decoder", "embedding"):
+        raise InvalidPackageError(f"manifest: 'kind' must be 'decoder' or 'embedding', got {kind!r}")
+    if kind == "decoder" and data.get("embedding") is None:
+        return kind, None
+    spec = _build(EmbeddingSpec, data.get("embedding"), "embedding")
+    if spec.pooling not in EMBEDDING_POOLING:
+        raise InvalidPackageError(
+            f"manifest embedding: pooling {spec.pooling!r} is not one of {', '.join(EMBEDDING_POOLING)}")
+    if spec.dimension < 1 or spec.max_tokens < 2 or not all(isinstance(n, str) for n in spec.inputs):
+        raise InvalidPackageError("manifest embedding: 'dimension', 'max_tokens' or 'inputs' is out of range")
+    from dataclasses import replace
+
+    return kind, replace(spec, inputs=tuple(spec.inputs))
 
 
 def safe_path(root: str | os.PathLike, relative: str) -> Path:

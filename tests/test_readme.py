@@ -34,11 +34,29 @@ def test_streaming_and_chat_example(smollm2_package):
     assert "tok/s" in out and "Paris" in out
 
 
+def test_semantic_search_example(tmp_path):
+    from _tiny_encoder import make_tiny_encoder
+
+    import onnxllm
+
+    pkg = onnxllm.export(make_tiny_encoder(tmp_path, "bert"), tmp_path / "pkg")
+    code = next(c for c in PYTHON if "model.search(" in c)
+    out = _run(code.replace('"all-minilm-l6-v2"', repr(str(pkg))))
+    assert len(out.strip().splitlines()) == 2  # random weights: two hits, in whatever order
+
+
+@pytest.mark.real
+def test_semantic_search_example_real(minilm_package):
+    code = next(c for c in PYTHON if "model.search(" in c)
+    out = _run(code.replace('"all-minilm-l6-v2"', repr(str(minilm_package))))
+    assert out.splitlines()[0].endswith("The flight to Lisbon leaves at 7:40 from gate B12")
+
+
 def test_every_cli_command_in_readme_exists():
     usage = next(code for lang, code in BLOCKS if lang == "bash" and "onnxllm export" in code)
     commands = set(re.findall(r"^onnxllm (\w+)", usage, flags=re.M))
     assert commands == {"export", "quantize", "run", "chat", "info", "eval", "bench", "serve", "list", "rm",
-                        "doctor"}
+                        "embed", "search", "doctor"}
     out = subprocess.run([sys.executable, "-m", "onnxllm.cli", "--help"], capture_output=True, text=True).stdout
     for command in commands:
         assert re.search(rf"^\s+{command}\b", out, flags=re.M), command

@@ -170,6 +170,16 @@ def _source_record(src: Source) -> dict:
     return {"kind": "hf", "name": src.name, "path": str(src.path), "sha256_safetensors": digest}
 
 
+def _export_embedding(src, out_dir: Path, options: ExportOptions, progress: Progress | None) -> Path:
+    from .encoder import EmbeddingExportOptions, export_embedding
+
+    if options.dtype != "float32":
+        raise ExportError("embedding models export in float32 only for now; drop --dtype float16")
+    return export_embedding(src, out_dir, progress=progress, options=EmbeddingExportOptions(
+        verify=options.verify, force=options.force, trust_remote_code=options.trust_remote_code,
+        allow_pickle=options.allow_pickle))
+
+
 def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: ExportOptions = ExportOptions(),
            progress: Progress | None = None) -> Path:
     """Export `source` (HF folder, .gguf, catalog name or hub id) to a package at `out_dir`."""
@@ -183,6 +193,10 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
     if options.dtype not in ("float32", "float16"):
         raise ExportError(f"dtype {options.dtype!r} is not supported; use float32 or float16")
     check_can_create(out_dir, fix="choose another output folder")  # before minutes of loading, not at save
+    from .embedding_source import embedding_source
+
+    if (embedding := embedding_source(source)) is not None:  # BERT-like encoders: exporter/encoder.py
+        return _export_embedding(embedding, out_dir, options, progress)
     timings: dict = {}
     src = resolve_source(source, allow_pickle=options.allow_pickle)
     with _step(progress, "loading", timings):

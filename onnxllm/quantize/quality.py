@@ -217,6 +217,9 @@ def evaluate(package_dir: str | os.PathLike, variant: str, *, text: str | None =
     Saves the report into the package's quality.json (keyed by variant) unless save=False.
     """
     manifest = read_manifest(package_dir)
+    if manifest.kind == "embedding":  # perplexity needs logits; quantize records an embedding variant's cosine
+        raise QuantizeError(f"{package_dir} is an embedding package: eval scores text generation; its int8 "
+                            "variant's cosine to fp32 is in `onnxllm info`")
     if reference is None:
         reference = base_variant(manifest) or "fp32"
     for name in (variant, reference):

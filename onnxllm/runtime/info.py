@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from ..package import Manifest, onnx_bytes, safe_path
@@ -41,6 +42,8 @@ def package_info(root: Path, manifest: Manifest, *, providers=None) -> dict:
         "verification": manifest.verification,
         "execution_providers_here": ort.get_available_providers(),
         "device_selected": getattr(providers, "device", None),
+        "kind": manifest.kind,
+        "embedding": asdict(manifest.embedding) if manifest.embedding else None,
     }
 
 
@@ -64,6 +67,10 @@ def format_info(info: dict) -> str:
         f"source         {info['source'].get('kind', '?')}: {info['source'].get('name', '?')}",
         "variants:",
     ]
+    e = info.get("embedding")
+    if e:
+        lines.insert(-1, f"embedding      {e['dimension']} dims, {e['pooling']} pooling, "
+                         f"{'normalized' if e['normalize'] else 'not normalized'}, up to {e['max_tokens']} tokens")
     for name, v in info["variants"].items():
         defaults = [dev for dev, var in info["default_variant"].items() if var == name]
         how = v["method"].get("operator") or v["method"].get("exporter") or ""
@@ -77,5 +84,8 @@ def format_info(info: dict) -> str:
             if q.get("kl_divergence") is not None:
                 parts.append(f"KL {q['kl_divergence']:.4f}")
             lines.append("         " + ", ".join(parts))
+        if v["method"].get("min_cosine_to_fp32") is not None:
+            lines.append(f"         cosine to fp32: min {v['method']['min_cosine_to_fp32']:.4f}, "
+                         f"mean {v['method']['mean_cosine_to_fp32']:.4f}")
     lines.append(f"providers here {', '.join(info['execution_providers_here'])}")
     return "\n".join(lines)

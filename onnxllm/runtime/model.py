@@ -185,6 +185,12 @@ class Model:
     def chat(self, system: str | None = None, *, tools: list[dict] | None = None, **options) -> "Chat":
         return Chat(self, system=system, tools=tools, **options)
 
+    def embed(self, texts, *, batch_size: int = 32, normalize: bool | None = None, truncate: bool = True):
+        """Refused: a text-generation package has no embedding mode (see runtime/embed.py)."""
+        from .embed import no_embedding_mode
+
+        raise no_embedding_mode(self.root)
+
     def info(self) -> dict:
         from .info import package_info
 
@@ -344,7 +350,7 @@ def load_tokenizer(root: Path, manifest: Manifest):
 
 def _fit_device(choice: ProviderChoice, manifest: Manifest, variant: str, asked: str) -> ProviderChoice:
     """ORT's CUDA GroupQueryAttention runs only float16/bfloat16: a float32 variant cannot use the GPU."""
-    if choice.device != "cuda" or manifest.variants[variant].dtype != "float32":
+    if choice.device != "cuda" or manifest.variants[variant].dtype != "float32" or manifest.kind == "embedding":
         return choice
     fix = "export a float16 package (onnxllm export SOURCE -o OUT --dtype float16) for the GPU"
     if asked == "cuda":
@@ -375,6 +381,8 @@ def load_package(path: str | Path, options: LoadOptions = LoadOptions()) -> Mode
     if not onnx_path.is_file():
         raise InvalidPackageError(f"{onnx_path} is missing; the package is incomplete: re-export it")
     tokenizer = load_tokenizer(root, manifest)
+    if manifest.kind == "embedding":
+        return _load_embedding(root, manifest, name, choice, tokenizer, options, onnx_path)
     template = None
     if manifest.chat_template:
         template_path = safe_path(root, manifest.chat_template)
@@ -396,3 +404,18 @@ def load_package(path: str | Path, options: LoadOptions = LoadOptions()) -> Mode
                                                 prefill_chunk=options.prefill_chunk),
                            context=options.context)
     return Model(root, manifest, name, session, tokenizer, template, choice)
+
+
+def _load_embedding(root: Path, manifest: Manifest, variant: str, choice: ProviderChoice, tokenizer,
+                    options: LoadOptions, onnx_path: Path):
+    """An embedding package: one plain session (no KV cache), see runtime/embed.py."""
+    import onnxruntime as ort
+
+    from .embed import EmbeddingModel, embedding_tokenizer
+
+    sess_opts = session_options(threads=options.threads, optimization=options.optimization)
+    try:
+        session = ort.InferenceSession(str(onnx_path), sess_options=sess_opts, providers=choice.providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types on a corrupt file
+        raise InvalidPackageError(f"{onnx_path} cannot be loaded: {str(exc).splitlines()[0][:200]}") from None
+    return EmbeddingModel(root, manifest, variant, session, embedding_tokenizer(tokenizer, manifest.embedding), choice)
