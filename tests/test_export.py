@@ -152,8 +152,8 @@ def test_bad_sources(tmp_path, case):
         (tmp_path / "ckpt").mkdir()
         source, error = tmp_path / "ckpt", ModelNotFoundError
     elif case == "unsupported":
-        (tmp_path / "ckpt").mkdir()
-        (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+        (tmp_path / "ckpt").mkdir()  # not bert: that exports as an embedding model now
+        (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": "whisper"}))
         source, error = tmp_path / "ckpt", UnsupportedModelError
     elif case == "pickle_only":
         (tmp_path / "ckpt").mkdir()
@@ -174,7 +174,7 @@ def test_bad_sources(tmp_path, case):
 
 def test_unsupported_message_lists_supported(tmp_path):
     (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": "whisper"}))  # bert exports as embeddings
     with pytest.raises(UnsupportedModelError, match="gemma.*gpt2.*llama"):
         export(tmp_path / "ckpt", tmp_path / "out")
 

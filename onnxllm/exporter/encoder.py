@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__
-from ..errors import ExportError, InvalidPackageError, OnnxLLMError, UnsupportedModelError
+from ..errors import ExportError, ModelNotFoundError, OnnxLLMError, UnsupportedModelError
 from ..package import (FORMAT_VERSION, Architecture, EmbeddingSpec, IOSpec, KVCacheSpec, Manifest, Variant,
                        onnx_bytes, save_onnx, sha256_file, staging_dir, write_manifest)
 from .embedding_source import FAMILIES, EmbeddingFamily, EmbeddingSource, SentenceConfig, read_sentence_config, unpack
@@ -163,7 +163,7 @@ def _check_folder(folder: Path, options: EmbeddingExportOptions) -> None:
                 "safetensors, or pass --allow-pickle (allow_pickle=True) if you trust this checkpoint"
             )
         if not any(folder.glob("*.bin")):
-            raise InvalidPackageError(f"{folder} has a config.json but no weights (*.safetensors)")
+            raise ModelNotFoundError(f"{folder} has a config.json but no weights (*.safetensors)")
 
 
 def _write_tokenizer(tok, folder: Path, out: Path) -> None:
