@@ -41,18 +41,19 @@ class Architecture:
 class IOSpec:
     input_ids: str = "input_ids"
     attention_mask: str = "attention_mask"
-    position_ids: str = "position_ids"
+    position_ids: str | None = "position_ids"  # None: the graph computes positions from the mask
     past_key: str = "past_key_values.{}.key"
     past_value: str = "past_key_values.{}.value"
     logits: str = "logits"
     present_key: str = "present.{}.key"
     present_value: str = "present.{}.value"
     logits_to_keep: str | None = None  # optional input: logits for the last N positions only
+    use_cache_branch: str | None = None  # optional input of optimum's merged decoders: True once there is a past
 
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    layout: str = "batch,kv_heads,sequence,head_dim"
+    layout: str = "batch,kv_heads,sequence,head_dim"  # the axes of each past/present tensor, in order
     dtype: str = "float32"
     # GroupQueryAttention accepts past and present bound to one preallocated buffer.
     shared_buffer: bool = True
@@ -133,8 +134,9 @@ def _require(data: dict, key: str, kind, where: str):
 
 # Types the parser enforces, so a hand-edited or hostile manifest fails here, not deep in the runtime.
 _FIELD_TYPES = {
-    **{("IOSpec", f): str for f in ("input_ids", "attention_mask", "position_ids", "past_key", "past_value", "logits",
+    **{("IOSpec", f): str for f in ("input_ids", "attention_mask", "past_key", "past_value", "logits",
                                    "present_key", "present_value")},
+    **{("IOSpec", f): (str, type(None)) for f in ("position_ids", "logits_to_keep", "use_cache_branch")},
     ("KVCacheSpec", "layout"): str, ("KVCacheSpec", "dtype"): str, ("KVCacheSpec", "shared_buffer"): bool,
     ("KVCacheSpec", "recompute_past_at"): int,
     ("Variant", "file"): str, ("Variant", "scheme"): str, ("Variant", "dtype"): str, ("Variant", "bytes"): int,

@@ -12,23 +12,15 @@ import numpy as np
 import pytest
 from _tiny import make_tiny_checkpoint
 
+from onnxllm.decoder_io import DecoderIO
 from onnxllm.errors import ExportError, InvalidPackageError, ModelNotFoundError, OfflineError, UnsupportedModelError
 from onnxllm.exporter.export import ExportOptions, export
 from onnxllm.exporter.verify import VerifyReport
+from onnxllm.package import read_manifest
 
 ARCHS = ["gpt2", "llama", "mistral", "qwen2", "phi3", "gemma"]
 PACKAGE_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "onnx/model.onnx", "onnx/model.onnx.data", "genai_config.json", "onnxllm.json"]
-
-
-def _feeds(manifest, ids, past, start):
-    a = manifest["architecture"]
-    feed = {"input_ids": ids, "attention_mask": np.ones((1, start + ids.shape[1]), np.int64),
-            "position_ids": np.arange(start, start + ids.shape[1], dtype=np.int64)[None]}
-    for i in range(a["num_layers"]):
-        empty = np.zeros((1, a["num_kv_heads"], 0, a["head_dim"]), np.float32)
-        feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[i] if past else (empty, empty)
-    return feed
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -50,16 +42,14 @@ def test_architecture_matches_pytorch(tmp_path, arch):
 
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
     sess = ort.InferenceSession(str(pkg / "onnx/model.onnx"), providers=["CPUExecutionProvider"])
-    a = manifest["architecture"]
+    io = DecoderIO.from_manifest(read_manifest(pkg))
     ids = np.random.default_rng(1).integers(0, 256, size=(1, 10)).astype(np.int64)
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.numpy()
-    out = sess.run(None, _feeds(manifest, ids, None, 0))
-    np.testing.assert_allclose(out[0], ref, atol=1e-4)  # without past
-    first = sess.run(None, _feeds(manifest, ids[:, :6], None, 0))
-    past = [(first[1 + 2 * i], first[2 + 2 * i]) for i in range(a["num_layers"])]
-    rest = sess.run(None, _feeds(manifest, ids[:, 6:], past, 6))
-    np.testing.assert_allclose(rest[0], ref[:, 6:], atol=1e-4)  # with past
+    np.testing.assert_allclose(io.run(sess, io.feed(ids)).logits, ref, atol=1e-4)  # without past
+    first = io.run(sess, io.feed(ids[:, :6]))
+    rest = io.run(sess, io.feed(ids[:, 6:], start=6, past=first.present))
+    np.testing.assert_allclose(rest.logits, ref[:, 6:], atol=1e-4)  # with past
 
     # 20 greedy tokens through onnxllm's runtime (KV cache) equal transformers' generate.
     import onnxllm

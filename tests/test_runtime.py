@@ -14,12 +14,16 @@ import onnxllm
 from onnxllm.errors import ContextOverflowError, GenerationError, InvalidPackageError
 from onnxllm.runtime.generate import GenerationConfig, generate_tokens, stream_text
 from onnxllm.runtime.model import LoadOptions, load_package
+from onnxllm.runtime.session import SessionConfig, open_session
 
 from _helpers import with_template
 
 
 class FakeSession:
     """Scripted logits: token t is followed by the token in `script[t]`; records what was fed."""
+
+    context = 64  # reserve() refuses more
+    can_verify = False  # no all_logits forward: no drafts
 
     def __init__(self, vocab=16, script=None):
         self.vocab = vocab
@@ -169,18 +173,16 @@ def test_chunked_prefill_equals_one_pass(tiny_llama, kv_mode):
     s = m.session
     s.config = replace(s.config, prefill_chunk=0)
     s.rewind(0)
-    whole_last, fed = s.forward(ids), []
+    whole_last = s.forward(ids)
     s.rewind(0)
     whole_all = s.forward(ids, all_logits=True)
     s.config = replace(s.config, prefill_chunk=4)
-    run = s._forward
-    s._forward = lambda chunk, all_logits: (fed.append(len(chunk)), run(chunk, all_logits))[1]
     s.rewind(0)
+    before = s.passes
     np.testing.assert_allclose(s.forward(ids), whole_last, atol=1e-5)
-    assert fed[0] == 4 and sum(fed) == len(ids) and len(fed) == -(-len(ids) // 4) and s.tokens == ids
+    assert s.passes - before == -(-len(ids) // 4) and s.tokens == ids  # one pass per chunk of 4
     s.rewind(0)
     np.testing.assert_allclose(s.forward(ids, all_logits=True), whole_all, atol=1e-5)
-    s._forward = run
     plain = onnxllm.load(tiny_llama, kv_mode=kv_mode)
     plain.session.config = replace(plain.session.config, prefill_chunk=0)
     assert m.generate("the quick brown fox jumps over the lazy dog", max_tokens=12).token_ids == \
@@ -195,10 +197,10 @@ def test_prefill_computes_only_the_last_positions_logits(tiny_llama, io_binding)
     ids = m.encode("the quick brown fox jumps over the lazy dog")
     m.session.rewind(0)
     seen = []
-    if io_binding:
+    if io_binding:  # ORT's own IOBinding, seen through the ORT session's public method
+        run = m.session.session.run_with_iobinding
+        m.session.session.run_with_iobinding = lambda b, *a: (run(b, *a), seen.append(b.get_outputs()[0].shape()))[0]
         m.session.forward(ids)
-        (logits, *_) = m.session._binding.get_outputs()
-        seen.append(logits.shape())
     else:
         run = m.session.session.run
         m.session.session.run = lambda names, feed: (seen.append(feed[m.manifest.io.logits_to_keep].item()), run(names, feed))[1]
@@ -215,12 +217,16 @@ def test_cache_modes_and_io_binding_equal_reference(tiny_llama, kv_mode, io_bind
 
 def test_shared_cache_grows_past_initial_capacity(tiny_llama):
     m = load_package(tiny_llama, LoadOptions())
-    m.session.config = type(m.session.config)(initial_capacity=8)
-    ref = onnxllm.load(tiny_llama, kv_mode="growing").generate("the one", max_tokens=40)
-    m.session._kv, m.session.tokens = [], []
-    m.session.reset()
-    assert m.session._capacity == 8
-    assert m.generate("the one", max_tokens=40).token_ids == ref.token_ids
+    onnx_path = tiny_llama / m.manifest.variants[m.variant].file
+    small = open_session(onnx_path, m.manifest, providers=["CPUExecutionProvider"], options=None,
+                         config=SessionConfig(initial_capacity=8))
+    assert small.capacity == 8
+    ref = onnxllm.load(tiny_llama, kv_mode="growing").generate("the one", max_tokens=40, draft_tokens=0)
+    ids = m.encode("the one")
+    tokens = [e.token for e in generate_tokens(small, ids, GenerationConfig(max_tokens=40, draft_tokens=0))
+              if e.token is not None]
+    assert tokens == ref.token_ids
+    assert small.capacity >= len(ids) + 40 > 8
 
 
 def test_stream_equals_generate_and_full_decode(tiny_llama):

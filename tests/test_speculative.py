@@ -127,10 +127,10 @@ def test_sampling_with_drafts_keeps_the_distribution_end_to_end():
 def test_verifier_keeps_the_samplers_distribution(options):
     # Speculative sampling with a one-token draft: accept it with p(draft), else draw from p without it.
     # The tokens it returns must follow p exactly, whatever the draft.
-    from onnxllm.runtime.sampling import _distribution
+    from onnxllm.runtime.sampling import distribution
 
     logits = np.random.default_rng(3).standard_normal(12).astype(np.float32) * 2
-    idx, probs = _distribution(options.get("temperature"), options.get("top_k", 0), options.get("top_p", 1.0),
+    idx, probs = distribution(options.get("temperature"), options.get("top_k", 0), options.get("top_p", 1.0),
                                options.get("min_p", 0.0))(logits)
     expected = np.zeros(12)
     expected[idx if idx is not None else np.arange(12)] = probs

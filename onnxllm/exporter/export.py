@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
+from ..decoder_io import DecoderIO
 from ..errors import ExportError, InvalidPackageError, OnnxLLMError
 from ..package import (FORMAT_VERSION, Architecture, KVCacheSpec, Manifest, Variant, check_can_create, onnx_bytes,
                        sha256_file, staging_dir, write_manifest, write_text_atomic)
@@ -126,7 +127,7 @@ def _generation_defaults(model) -> dict:
     }
 
 
-def _genai_config(w: DecoderWeights, loaded: _Loaded, onnx_file: str) -> dict:
+def _genai_config(w: DecoderWeights, io: DecoderIO, loaded: _Loaded, onnx_file: str) -> dict:
     """Lets onnxruntime-genai's og.Model load the package as it is."""
     d = w.dims
     return {
@@ -138,11 +139,7 @@ def _genai_config(w: DecoderWeights, loaded: _Loaded, onnx_file: str) -> dict:
                 "filename": onnx_file,
                 "head_size": d.head_dim,
                 "hidden_size": d.hidden_size,
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
-                           "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                **io.genai_names(),
                 "num_attention_heads": d.num_heads,
                 "num_hidden_layers": d.num_layers,
                 "num_key_value_heads": d.num_kv_heads,
@@ -216,6 +213,8 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
     if progress:
         for note in graph_notes["notes"]:
             progress(f"graph: {note}")
+    kv_cache = KVCacheSpec(dtype=options.dtype, recompute_past_at=max((t.switch for t in weights.rope), default=0))
+    io = DecoderIO(IO_NAMES, d.num_layers, d.num_kv_heads, d.head_dim, kv_cache)
     with staging_dir(out_dir, force=options.force) as tmp:
         onnx_file = "onnx/model.onnx" if options.dtype == "float32" else "onnx/model_fp16.onnx"
         with _step(progress, "saving", timings):
@@ -229,11 +228,11 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
             loaded.write_tokenizer(tmp)
             if loaded.chat_template:
                 write_text_atomic(tmp / "chat_template.jinja", loaded.chat_template)
-            write_text_atomic(tmp / "genai_config.json", json.dumps(_genai_config(weights, loaded, onnx_file), indent=2))
+            write_text_atomic(tmp / "genai_config.json", json.dumps(_genai_config(weights, io, loaded, onnx_file), indent=2))
         verification: dict = {"skipped": True}
         if options.verify:
             with _step(progress, "verifying", timings):
-                report = verify_export(tmp / onnx_file, model, d, dtype=options.dtype)
+                report = verify_export(tmp / onnx_file, model, io, vocab_size=d.vocab_size, dtype=options.dtype)
             verification = {"max_abs_diff": report.max_abs_diff, "max_abs_diff_with_past": report.max_abs_diff_with_past,
                             "tolerance": report.tolerance, "prompts": report.prompts}
             if progress:
@@ -258,8 +257,7 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
                 parameters=sum(p.numel() for p in model.parameters()),
             ),
             io=IO_NAMES,
-            kv_cache=KVCacheSpec(dtype=options.dtype,
-                                 recompute_past_at=max((t.switch for t in weights.rope), default=0)),
+            kv_cache=kv_cache,
             variants={scheme: variant},
             default_variant={"cpu": scheme, "cuda": scheme, "dml": scheme},
             eos_token_ids=loaded.eos_token_ids,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..decoder_io import DecoderIO
 from ..errors import QuantizeError
 
 ALPHA = 0.7  # SmolLM2, 256 tokens of Hamlet, whole sequence: alpha 0.5 top-1 97.3%; 0.7 98.4%; 0.85 86.3%
@@ -73,12 +74,7 @@ def activation_ranges(model, manifest, ids: list[int], names: list[str]) -> dict
     options.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     del probe
-    io, arch = manifest.io, manifest.architecture
-    feed = {io.input_ids: np.asarray([ids], np.int64), io.attention_mask: np.ones((1, len(ids)), np.int64),
-            io.position_ids: np.arange(len(ids), dtype=np.int64)[None]}
-    empty = np.zeros((1, arch.num_kv_heads, 0, arch.head_dim), np.float32)
-    feed.update({i.name: empty for i in session.get_inputs() if i.name.startswith("past_key_values")})
-    outs = session.run(names, feed)
+    outs = session.run(names, DecoderIO.from_manifest(manifest).feed(ids))
     return {n: np.abs(o.reshape(-1, o.shape[-1])).max(axis=0) for n, o in zip(names, outs)}
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..decoder_io import DecoderIO
 from ..errors import InvalidPackageError, QuantizeError
 from ..package import Manifest, read_manifest, safe_path, write_text_atomic
 
@@ -90,20 +91,11 @@ class DecoderRunner:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - ORT's pybind errors share no useful base class
             raise InvalidPackageError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from None
-        self.io = manifest.io
-        arch = manifest.architecture
-        kv_dtype = np.float16 if manifest.kv_cache.dtype == "float16" else np.float32
-        self.empty = np.zeros((1, arch.num_kv_heads, 0, arch.head_dim), kv_dtype)
-        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values")]
+        self.io = DecoderIO.from_manifest(manifest)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """(len(ids), vocab) float32 logits for one sequence."""
-        n = len(ids)
-        feed = {self.io.input_ids: np.asarray([ids], np.int64),
-                self.io.attention_mask: np.ones((1, n), np.int64),
-                self.io.position_ids: np.arange(n, dtype=np.int64)[None]}
-        feed.update({name: self.empty for name in self.past_names})
-        (logits,) = self.session.run([self.io.logits], feed)
+        (logits,) = self.session.run([self.io.names.logits], self.io.feed(ids))
         return logits[0].astype(np.float32)
 
     def greedy(self, prompt: list[int], new_tokens: int) -> list[int]:
@@ -124,23 +116,15 @@ def decode_speed(package_dir: str | os.PathLike, variant: str, *, new_tokens: in
 
     manifest = read_manifest(package_dir)
     runner = DecoderRunner(safe_path(package_dir, manifest.variants[variant].file), manifest, threads=threads)
-    io, outputs = runner.io, [o.name for o in runner.session.get_outputs()]
+    io = runner.io
     best = float("inf")
     for _ in range(repeats):
         n = prompt_tokens
-        feed = {io.input_ids: np.arange(100, 100 + n, dtype=np.int64)[None],
-                io.attention_mask: np.ones((1, n), np.int64), io.position_ids: np.arange(n, dtype=np.int64)[None],
-                **{name: runner.empty for name in runner.past_names}}
-        result = dict(zip(outputs, runner.session.run(outputs, feed)))
+        out = io.run(runner.session, io.feed(np.arange(100, 100 + n)))
         start = time.perf_counter()
         for _ in range(new_tokens):
-            token = int(result[io.logits][0, -1].argmax())
-            feed = {io.input_ids: np.asarray([[token]], np.int64), io.attention_mask: np.ones((1, n + 1), np.int64),
-                    io.position_ids: np.asarray([[n]], np.int64)}
-            for i in range(manifest.architecture.num_layers):
-                feed[io.past_key.format(i)] = result[io.present_key.format(i)]
-                feed[io.past_value.format(i)] = result[io.present_value.format(i)]
-            result = dict(zip(outputs, runner.session.run(outputs, feed)))
+            token = int(out.logits[0, -1].argmax())
+            out = io.run(runner.session, io.feed([token], start=n, past=out.present))
             n += 1
         best = min(best, time.perf_counter() - start)
     return new_tokens / best

@@ -144,8 +144,9 @@ class GenerationResult:
 class Session(Protocol):
     """What the generator needs from a decoder session (a fake with scripted logits fits too)."""
 
-    tokens: list[int]
-    can_verify: bool  # optional: True when forward(ids, all_logits=True) and rewind are cheap
+    tokens: list[int]  # what the cache holds, position by position
+    context: int  # the most tokens it can hold
+    can_verify: bool  # forward(ids, all_logits=True) and rewind are cheap: prompt-lookup drafts pay
 
     def forward(self, ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray: ...
     def common_prefix(self, ids: Sequence[int]) -> int: ...
@@ -158,6 +159,65 @@ class TokenEvent:
     token: int | None
     finish_reason: str | None
     timings: Timings
+
+
+class TokenPicker:
+    """Chooses tokens from logits: the penalties over what came before, then the sampler or the draft check.
+
+    `pending` is what a pass has chosen but not yet given out (it counts for the penalties)."""
+
+    def __init__(self, config: GenerationConfig, prompt_ids: Sequence[int]):
+        rng = np.random.default_rng(config.seed)
+        options = {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
+                   "min_p": config.min_p, "rng": rng}
+        self._sample, self._verify = make_sampler(**options), make_verifier(**options)
+        self._process = make_logits_processors(repetition_penalty=config.repetition_penalty,
+                                               presence_penalty=config.presence_penalty,
+                                               frequency_penalty=config.frequency_penalty)
+        self._penalties = (config.repetition_penalty != 1.0 or config.presence_penalty != 0.0
+                           or config.frequency_penalty != 0.0)
+        self.prompt_len = len(prompt_ids)
+        self.history = list(prompt_ids)  # prompt + tokens given out
+
+    def processed(self, logits: np.ndarray, pending: Sequence[int]) -> np.ndarray:
+        return self._process(logits, self.history + list(pending), self.prompt_len) if self._penalties else logits
+
+    def pick(self, logits: np.ndarray, pending: Sequence[int] = ()) -> int:
+        return self._sample(self.processed(logits, pending))
+
+    def check(self, logits: np.ndarray, pending: Sequence[int], guess: int) -> tuple[int, bool]:
+        """(token, accepted): the guess when the model agrees, else the token that replaces it."""
+        return self._verify(self.processed(logits, pending), guess)
+
+    def given_out(self, token: int) -> None:
+        self.history.append(token)
+
+
+def prefill(session: Session, ids: Sequence[int]) -> np.ndarray:
+    """Feed the prompt's uncached tokens (S of them, chunked by the session); logits of the last: (vocab,)."""
+    return session.forward(ids)
+
+
+def decode_one_token(session: Session, last: int, picker: TokenPicker) -> list[int]:
+    """Feed the last token given out (1 position); the next token, chosen from its logits."""
+    return [picker.pick(session.forward([last]))]
+
+
+def verify_draft(session: Session, last: int, draft: Sequence[int], picker: TokenPicker) -> list[int]:
+    """Feed `last` and the guesses in one pass (1 + len(draft) positions, logits for each); the accepted
+    guesses, then the model's own token after them (the replacement of the first rejected guess, or the
+    token after the whole draft). The cache is rewound past a rejected guess."""
+    base = len(session.tokens)
+    rows = session.forward([last, *draft], all_logits=True)  # rows[i]: the logits after draft[:i]  (1 + G, vocab)
+    pending: list[int] = []
+    for i, guess in enumerate(draft):
+        token, ok = picker.check(rows[i], pending, guess)
+        pending.append(token)
+        if not ok:
+            session.rewind(base + 1 + i)  # drop the rejected guess and those after it
+            return pending
+    pending.append(picker.pick(rows[-1], pending))
+    return pending
 
 
 def generate_tokens(session: Session, prompt_ids: Sequence[int], config: GenerationConfig, *,
@@ -177,23 +237,13 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
     # Reuse the KV cache for the longest common prefix; at least one token must be fed for logits.
     cached = min(session.common_prefix(prompt_ids), len(prompt_ids) - 1)
     session.rewind(cached)
-    rng = np.random.default_rng(config.seed)
-    options = {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p, "min_p": config.min_p,
-               "rng": rng}
-    sample, verify = make_sampler(**options), make_verifier(**options)
-    process = make_logits_processors(repetition_penalty=config.repetition_penalty,
-                                     presence_penalty=config.presence_penalty,
-                                     frequency_penalty=config.frequency_penalty)
-    penalties = (config.repetition_penalty != 1.0 or config.presence_penalty != 0.0
-                 or config.frequency_penalty != 0.0)
-    history = list(prompt_ids)
-    lookup = PromptLookup(prompt_ids) if config.draft_tokens and getattr(session, "can_verify", False) else None
+    picker = TokenPicker(config, prompt_ids)
+    lookup = PromptLookup(prompt_ids) if config.draft_tokens and session.can_verify else None
     draft_len = min(4, config.draft_tokens)
     # Drafts are not cut short near max_tokens (the passes, and so their rounding, stay the same whatever
     # max_tokens is; surplus tokens are dropped), only by the context: room for them is reserved now.
-    context = getattr(session, "context", None)
-    if lookup is not None and context is not None:
-        session.reserve(min(context, len(prompt_ids) + config.max_tokens + config.draft_tokens))
+    if lookup is not None:
+        session.reserve(min(session.context, len(prompt_ids) + config.max_tokens + config.draft_tokens))
     eos = set(eos_ids)
     generated = passes = drafted = accepted = 0
     guessed = 0  # how many of `pending` are accepted guesses (they come first)
@@ -201,17 +251,14 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
     def timings(prefill_s: float, decode_s: float) -> Timings:
         return Timings(len(prompt_ids), cached, generated, prefill_s, decode_s, passes, drafted, accepted)
 
-    def processed(logits: np.ndarray, pending: list[int]) -> np.ndarray:
-        return process(logits, history + pending, len(prompt_ids)) if penalties else logits
-
     start = time.perf_counter()
     if cancel is not None and cancel.is_set():
         yield TokenEvent(None, "cancelled", timings(0.0, 0.0))
         return
-    logits = session.forward(prompt_ids[cached:])
+    logits = prefill(session, prompt_ids[cached:])
     prefill_s = time.perf_counter() - start
     decode_start = time.perf_counter()
-    pending = [sample(processed(logits, []))]  # tokens chosen, not yet given out
+    pending = [picker.pick(logits)]  # tokens chosen, not yet given out
     while True:
         for j, token in enumerate(pending):
             if token in eos:
@@ -219,7 +266,7 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
                 return
             generated += 1
             accepted += j < guessed
-            history.append(token)
+            picker.given_out(token)
             if lookup is not None:
                 lookup.append(token)
             yield TokenEvent(token, None, timings(prefill_s, time.perf_counter() - decode_start))
@@ -230,23 +277,12 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
                 yield TokenEvent(None, "cancelled", timings(prefill_s, time.perf_counter() - decode_start))
                 return
         last = pending[-1]  # given out, not yet in the cache
-        room = draft_len if context is None else min(draft_len, context - len(session.tokens) - 1)
-        draft = lookup.draft(room) if lookup is not None else []
+        draft = lookup.draft(min(draft_len, session.context - len(session.tokens) - 1)) if lookup is not None else []
         passes += 1
         if not draft:
-            pending, guessed = [sample(processed(session.forward([last]), []))], 0
+            pending, guessed = decode_one_token(session, last, picker), 0
             continue
-        base = len(session.tokens)
-        rows = session.forward([last, *draft], all_logits=True)  # rows[i]: the logits after draft[:i]
-        pending = []
-        for i, guess in enumerate(draft):
-            token, ok = verify(processed(rows[i], pending), guess)
-            pending.append(token)
-            if not ok:
-                session.rewind(base + 1 + i)  # drop the rejected guess and those after it
-                break
-        else:
-            pending.append(sample(processed(rows[-1], pending)))
+        pending = verify_draft(session, last, draft, picker)
         drafted += len(draft)
         guessed = len(pending) - 1
         draft_len = min(draft_len + 2, config.draft_tokens) if len(pending) > len(draft) else max(1, draft_len - 1)

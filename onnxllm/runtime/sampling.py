@@ -207,7 +207,7 @@ def _greedy(logits: np.ndarray) -> int:
     return int(np.argmax(arr))
 
 
-def _distribution(temperature: float, top_k: int, top_p: float, min_p: float) -> Callable:
+def distribution(temperature: float, top_k: int, top_p: float, min_p: float) -> Callable:
     """``dist(logits) -> (ids, probs)``: the tokens left after the masks (None: every token) and their
     probabilities, after temperature, top-k, top-p and min-p in that order (HF's order)."""
 
@@ -243,7 +243,7 @@ def make_sampler(
     if temperature == 0.0:
         return _greedy
     generator = rng if rng is not None else np.random.default_rng()
-    dist = _distribution(temperature, top_k, top_p, min_p)
+    dist = distribution(temperature, top_k, top_p, min_p)
 
     def sample(logits: np.ndarray) -> int:
         idx, probs = dist(logits)
@@ -277,7 +277,7 @@ def make_verifier(
 
         return verify_greedy
     generator = rng if rng is not None else np.random.default_rng()
-    dist = _distribution(temperature, top_k, top_p, min_p)
+    dist = distribution(temperature, top_k, top_p, min_p)
 
     def verify(logits: np.ndarray, draft: int) -> tuple[int, bool]:
         idx, probs = dist(logits)

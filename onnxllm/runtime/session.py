@@ -1,12 +1,7 @@
 """The decoder session: one ONNX Runtime session, its KV cache and its IO binding.
 
-It owns the cache; callers only say which tokens to feed. It knows nothing about text.
-Two cache modes behind one interface:
-  - "shared": one preallocated (1, kv_heads, capacity, head_dim) buffer per layer and K/V, bound as
-    both past and present, which GroupQueryAttention updates in place. No per-token allocation, and
-    on CUDA the cache never leaves the device.
-  - "growing": each step's present tensors become the next step's past (ORT allocates them);
-    the layout optimum and transformers.js use.
+It owns the cache (a strategy from kv_cache.py); callers only say which tokens to feed. It knows
+nothing about text. Names and roles of the graph's inputs and outputs come from a DecoderIO.
 """
 
 from __future__ import annotations
@@ -17,15 +12,17 @@ from typing import Sequence
 
 import numpy as np
 
+from ..decoder_io import DecoderIO
 from ..errors import ContextOverflowError, GenerationError, InvalidPackageError
 from ..package import Manifest
+from .kv_cache import GrowingKVCache, KVCache, SharedKVCache
 
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+KV_MODES = ("shared", "growing")
 
 
 @dataclass(frozen=True)
 class SessionConfig:
-    kv_mode: str = "shared"  # "shared" | "growing"
+    kv_mode: str = "shared"  # "shared" | "growing" (kv_cache.py)
     io_binding: bool = True
     # Shared mode allocates this many positions at load and touches them (no page faults mid-generation).
     # Each call reserves prompt + max_tokens before its prefill, so the buffers grow once per call at most,
@@ -44,13 +41,26 @@ def _device_of(providers: Sequence[str]) -> tuple[str, int]:
     return ("cuda", 0) if providers and providers[0] == "CUDAExecutionProvider" else ("cpu", 0)
 
 
+def _cache_for(io: DecoderIO, kv: str, device, config: SessionConfig, context: int) -> tuple[KVCache, str | None]:
+    """The cache strategy, and why it is not the one asked for (None when it is)."""
+    if kv == "shared" and not io.kv.shared_buffer:
+        return GrowingKVCache(io, device, context=context), "the graph concatenates past and new KV (no shared buffer)"
+    if kv == "shared" and not io.bnsh:
+        return GrowingKVCache(io, device, context=context), f"the KV layout {io.kv.layout} is not a shared buffer's"
+    if kv == "shared":
+        return SharedKVCache(io, device, initial_capacity=config.initial_capacity, context=context), None
+    return GrowingKVCache(io, device, context=context), None
+
+
 class DecoderSession:
     """prefill/decode over a KV cache that remembers which tokens it holds (for prefix reuse)."""
 
-    def __init__(self, ort_session, manifest: Manifest, *, config: SessionConfig = SessionConfig(), context: int | None = None):
+    def __init__(self, ort_session, manifest: Manifest, *, config: SessionConfig = SessionConfig(),
+                 context: int | None = None):
         import onnxruntime as ort
 
-        self._ort = ort
+        if config.kv_mode not in KV_MODES:
+            raise GenerationError(f"kv_mode must be 'shared' or 'growing', got {config.kv_mode!r}")
         self.session = ort_session
         self.manifest = manifest
         self.config = config
@@ -58,62 +68,49 @@ class DecoderSession:
         if context is not None and (not isinstance(context, int) or context < 1):
             raise GenerationError(f"context must be a positive number of tokens, got {context!r}")
         self.context = min(context or arch.context_length, arch.context_length)
-        self.io = manifest.io
-        self.num_layers = arch.num_layers
-        self._kv_shape = (1, arch.num_kv_heads, 0, arch.head_dim)
-        self._kv_dtype = _NP_DTYPES.get(manifest.kv_cache.dtype, np.float32)
-        self._device = _device_of(ort_session.get_providers())
+        self.io = DecoderIO.from_manifest(manifest)
         self._check_io()
-        # The graph declares num_logits_to_keep as an input with a default initializer (0: every position),
+        self.cache, self.cache_note = _cache_for(self.io, config.kv_mode, _device_of(ort_session.get_providers()),
+                                                 config, self.context)
+        # Our graphs declare num_logits_to_keep as an input with a default initializer (0: every position),
         # which ORT lists among the overridable initializers, not the inputs. Each call binds it: 1 for the
         # generation loop (a 512-token prefill then computes one row of logits, not 512 x 49152), 0 for
         # every fed position (a speculative check feeds a few tokens and needs each one's logits).
-        overridable = {i.name for i in ort_session.get_overridable_initializers()}
-        self._keep_name = self.io.logits_to_keep if self.io.logits_to_keep in overridable else None
+        keep = self.io.names.logits_to_keep
+        graph_inputs = {i.name for i in ort_session.get_inputs()}
+        graph_inputs |= {i.name for i in ort_session.get_overridable_initializers()}
+        self._keep_name = keep if keep in graph_inputs else None
         self._keep_values = {n: ort.OrtValue.ortvalue_from_numpy(np.array(n, dtype=np.int64)) for n in (0, 1)}
         self.tokens: list[int] = []  # what the cache holds, position by position
-        self._kv: list = []  # OrtValues: [k0, v0, k1, v1, ...]
-        self._capacity = 0
-        self._binding = None
-        self._mask = np.ones((1, self.context), dtype=np.int64)
-        self.reset()
+        self.passes = 0  # model calls made so far (a chunked prefill makes several)
 
     # -- public -----------------------------------------------------------------------------
     @property
-    def vocab_size(self) -> int:
-        return self.manifest.architecture.vocab_size
+    def can_verify(self) -> bool:
+        """Whether speculative checks are cheap here: rewinding the cache costs nothing."""
+        return self.cache.can_rewind
 
     @property
-    def position(self) -> int:
-        return len(self.tokens)
+    def capacity(self) -> int:
+        """Positions the KV cache holds before it must grow."""
+        return self.cache.capacity
 
     def reset(self) -> None:
         self.tokens = []
-        if self.config.kv_mode == "growing":
-            empty = np.zeros(self._kv_shape, self._kv_dtype)
-            self._kv = [self._ort.OrtValue.ortvalue_from_numpy(empty, *self._device) for _ in range(2 * self.num_layers)]
-            self._capacity = self.context
-        elif not self._kv:
-            self._allocate(min(self.config.initial_capacity, self.context))
+        self.cache.reset()
 
     def rewind(self, n: int) -> None:
-        """Keep only the first n cached tokens. Shared buffers need no copy: lengths come from the mask."""
+        """Keep only the first n cached tokens."""
         if n >= len(self.tokens):
             return
-        switch = self.manifest.kv_cache.recompute_past_at
+        switch = self.io.kv.recompute_past_at
         if switch and n <= switch < len(self.tokens):  # the kept keys were rotated with the long factors
             kept = self.tokens[:n]
             self.reset()
             if kept:
                 self.forward(kept)
             return
-        if self.config.kv_mode == "growing":
-            if n == 0:
-                self.reset()
-                return
-            sliced = [self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :n]), *self._device)
-                      for v in self._kv]
-            self._kv = sliced
+        self.cache.rewind(n)
         self.tokens = self.tokens[:n]
 
     def common_prefix(self, ids: Sequence[int]) -> int:
@@ -131,13 +128,7 @@ class DecoderSession:
                 f"{total} tokens do not fit the context of {self.context}; shorten the prompt, lower max_tokens, "
                 "or raise --context (up to the model's context length)"
             )
-        if self.config.kv_mode == "shared" and total > self._capacity:
-            self._allocate(min(self.context, max(total, 2 * self._capacity)))
-
-    @property
-    def can_verify(self) -> bool:
-        """Whether speculative checks are cheap here: rewinding a shared cache costs nothing."""
-        return self.config.kv_mode == "shared"
+        self.cache.reserve(total, len(self.tokens))
 
     def forward(self, ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
         """Feed `ids` after the cached tokens; logits of the last position (vocab,), or all (len, vocab).
@@ -146,136 +137,66 @@ class DecoderSession:
         ids = list(ids)
         self.reserve(len(self.tokens) + len(ids))
         chunk = self.config.prefill_chunk
-        switch = self.manifest.kv_cache.recompute_past_at
+        switch = self.io.kv.recompute_past_at
         if switch and len(self.tokens) <= switch < len(self.tokens) + len(ids):
             # LongRoPE: past `switch` positions every key uses the long factors, so the cached (short) keys are
             # recomputed, in one pass: a first chunk short of the switch would be rotated with the short ones.
             fed, ids = len(ids), self.tokens + ids
             self.reset()
-            logits = self._forward(ids, all_logits)
+            logits = self._pass(ids, all_logits)
             return logits[-fed:] if all_logits else logits
         if chunk <= 0 or len(ids) <= chunk:
-            return self._forward(ids, all_logits)
-        rows = [self._forward(ids[i:i + chunk], all_logits) for i in range(0, len(ids), chunk)]
+            return self._pass(ids, all_logits)
+        rows = [self._pass(ids[i:i + chunk], all_logits) for i in range(0, len(ids), chunk)]
         return np.concatenate(rows) if all_logits else rows[-1]
 
     # -- internals --------------------------------------------------------------------------
-    def _forward(self, ids: list[int], all_logits: bool) -> np.ndarray:
-        start = len(self.tokens)
-        feed_ids = np.asarray([ids], dtype=np.int64)  # (1, S)
-        positions = np.arange(start, start + len(ids), dtype=np.int64)[None]  # (1, S)
-        mask = self._mask[:, : start + len(ids)]  # (1, T): a view, no allocation
+    def _pass(self, ids: list[int], all_logits: bool) -> np.ndarray:
         keep = 0 if all_logits else 1  # the graph's 0: every position
-        if self.config.io_binding:
-            logits = self._run_bound(feed_ids, mask, positions, keep)
-        else:
-            logits = self._run_plain(feed_ids, mask, positions, keep)
+        run = self._run_bound if self.config.io_binding else self._run_plain
+        logits = run(ids, len(self.tokens), keep)  # (1, S or 1, vocab)
         self.tokens.extend(ids)
-        return logits[0] if all_logits else logits[0, -1]
+        self.passes += 1
+        logits = logits.astype(np.float32, copy=False)  # float16 graphs give float16 logits
+        return logits[0, -len(ids):] if all_logits else logits[0, -1]
 
     def _check_io(self) -> None:
-        names = {i.name for i in self.session.get_inputs()}
-        needed = {self.io.input_ids, self.io.attention_mask, self.io.past_key.format(0)}
-        missing = sorted(needed - names)
-        if missing:
-            raise InvalidPackageError(
-                f"the ONNX model lacks inputs {missing} that the manifest names; re-export the package"
-            )
-        logits = next((o for o in self.session.get_outputs() if o.name == self.io.logits), None)
-        vocab = logits.shape[-1] if logits is not None else None
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = self.session.get_outputs()
+        self.io.check(inputs, [o.name for o in outputs])
+        logits = next(o for o in outputs if o.name == self.io.names.logits)
+        vocab = logits.shape[-1] if logits.shape else None
         if isinstance(vocab, int) and vocab != self.manifest.architecture.vocab_size:
             raise InvalidPackageError(
                 f"the model's logits have {vocab} entries but the manifest says vocab_size "
                 f"{self.manifest.architecture.vocab_size}; re-export the package"
             )
 
-    def _allocate(self, capacity: int) -> None:
-        """(Re)allocate the shared buffers, keeping what the cache holds."""
-        shape = (1, self._kv_shape[1], capacity, self._kv_shape[3])
-        kept = len(self.tokens)
-        new = []
-        for old in self._kv or [None] * (2 * self.num_layers):
-            buf = np.empty(shape, self._kv_dtype)
-            buf.fill(0)  # touch every page now: np.zeros would map them lazily, as the chat grows
-            if old is not None and kept:
-                buf[:, :, :kept] = old.numpy()[:, :, :kept]
-            new.append(self._ort.OrtValue.ortvalue_from_numpy(buf, *self._device))
-        self._kv = new
-        self._capacity = capacity
-        self._binding = None  # bound to the old buffers
-
-    def _names(self, i: int) -> tuple[str, str, str, str]:
-        io = self.io
-        return io.past_key.format(i), io.past_value.format(i), io.present_key.format(i), io.present_value.format(i)
-
-    def _kv_binding(self):
-        """An IOBinding with the KV cache bound; in shared mode it is made once per buffer allocation."""
-        if self._binding is not None:
-            return self._binding
-        binding = self.session.io_binding()
-        binding.bind_output(self.io.logits, "cpu")  # first: get_outputs() keeps binding order
-        shared = self.config.kv_mode == "shared"
-        for i in range(self.num_layers):
-            pk, pv, ck, cv = self._names(i)
-            binding.bind_ortvalue_input(pk, self._kv[2 * i])
-            binding.bind_ortvalue_input(pv, self._kv[2 * i + 1])
-            if shared:  # past and present are one buffer: GroupQueryAttention writes in place
-                binding.bind_ortvalue_output(ck, self._kv[2 * i])
-                binding.bind_ortvalue_output(cv, self._kv[2 * i + 1])
-            else:
-                binding.bind_output(ck, self._device[0], self._device[1])
-                binding.bind_output(cv, self._device[0], self._device[1])
-        if shared:
-            self._binding = binding
-        return binding
-
-    def _run_bound(self, ids, mask, positions, keep: int) -> np.ndarray:
-        binding = self._kv_binding()
+    def _run_bound(self, ids: list[int], start: int, keep: int) -> np.ndarray:
+        logits_name = self.io.names.logits
+        binding = self.cache.binding(self.session, logits_name)
         if self._keep_name is not None:
             binding.bind_ortvalue_input(self._keep_name, self._keep_values[keep])
-        binding.bind_cpu_input(self.io.input_ids, ids)
-        binding.bind_cpu_input(self.io.attention_mask, mask)
-        binding.bind_cpu_input(self.io.position_ids, positions)
-        binding.bind_output(self.io.logits, "cpu")  # rebound: its shape changes with the input length
+        for name, value in self.io.step_inputs(ids, start).items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output(logits_name, "cpu")  # rebound: its shape changes with the input length
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        logits = outputs[0].numpy()
-        if self.config.kv_mode != "shared":
-            self._kv = outputs[1:]  # forward() extends self.tokens right after: nothing in between can raise
-        return logits
+        self.cache.take_bound(outputs[1:])  # _pass extends self.tokens right after: nothing in between can raise
+        return outputs[0].numpy()
 
-    def _run_plain(self, ids, mask, positions, keep) -> np.ndarray:
+    def _run_plain(self, ids: list[int], start: int, keep: int) -> np.ndarray:
         """Without IO binding: numpy in, numpy out (the reference path the bound one is tested against)."""
-        feed = {self.io.input_ids: ids, self.io.attention_mask: np.ascontiguousarray(mask), self.io.position_ids: positions}
+        feed = self.io.feed(ids, start=start, past=self.cache.past(start))
         if self._keep_name is not None:
             feed[self._keep_name] = np.array(keep, dtype=np.int64)
-        kept = len(self.tokens)
-        for i in range(self.num_layers):
-            pk, pv, _, _ = self._names(i)
-            feed[pk] = np.ascontiguousarray(self._kv[2 * i].numpy()[:, :, :kept] if self.config.kv_mode == "shared" else self._kv[2 * i].numpy())
-            feed[pv] = np.ascontiguousarray(self._kv[2 * i + 1].numpy()[:, :, :kept] if self.config.kv_mode == "shared" else self._kv[2 * i + 1].numpy())
-        out = self.session.run(None, feed)
-        names = [o.name for o in self.session.get_outputs()]
-        by_name = dict(zip(names, out))
-        total = kept + ids.shape[1]
-        for i in range(self.num_layers):
-            _, _, ck, cv = self._names(i)
-            if self.config.kv_mode == "shared":
-                self._write_shared(2 * i, by_name[ck], kept, total)
-                self._write_shared(2 * i + 1, by_name[cv], kept, total)
-            else:
-                self._kv[2 * i] = self._ort.OrtValue.ortvalue_from_numpy(by_name[ck], *self._device)
-                self._kv[2 * i + 1] = self._ort.OrtValue.ortvalue_from_numpy(by_name[cv], *self._device)
-        return by_name[self.io.logits]
-
-    def _write_shared(self, index: int, present: np.ndarray, kept: int, total: int) -> None:
-        buf = self._kv[index].numpy().copy()
-        buf[:, :, kept:total] = present[:, :, kept:total]
-        self._kv[index] = self._ort.OrtValue.ortvalue_from_numpy(buf, *self._device)
+        out = self.io.run(self.session, feed)
+        self.cache.store(out.present, start, start + len(ids))
+        return out.logits
 
 
-def open_session(onnx_path: Path, manifest: Manifest, *, providers: list, options, config: SessionConfig = SessionConfig(),
-                 context: int | None = None) -> DecoderSession:
+def open_session(onnx_path: Path, manifest: Manifest, *, providers: list, options,
+                 config: SessionConfig = SessionConfig(), context: int | None = None) -> DecoderSession:
     """An InferenceSession over a package's .onnx; ORT errors become InvalidPackageError."""
     import onnxruntime as ort
 
