@@ -19,8 +19,10 @@ from _tiny import make_tiny_checkpoint
 
 pytest.importorskip("transformers")
 
+from onnxllm.decoder_io import DecoderIO  # noqa: E402
 from onnxllm.errors import UnsupportedModelError  # noqa: E402
 from onnxllm.exporter.export import ExportOptions, export  # noqa: E402
+from onnxllm.package import read_manifest  # noqa: E402
 
 WINDOW, SWITCH, LENGTH = 4, 16, 24
 
@@ -81,15 +83,6 @@ def exported(tmp_path_factory):
     return get
 
 
-def _feeds(arch: dict, ids: np.ndarray, past, start: int) -> dict:
-    feed = {"input_ids": ids, "attention_mask": np.ones((1, start + ids.shape[1]), np.int64),
-            "position_ids": np.arange(start, start + ids.shape[1], dtype=np.int64)[None]}
-    for i in range(arch["num_layers"]):
-        empty = np.zeros((1, arch["num_kv_heads"], 0, arch["head_dim"]), np.float32)
-        feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[i] if past else (empty, empty)
-    return feed
-
-
 def _hf(ckpt: Path):
     from transformers import AutoModelForCausalLM
 
@@ -104,7 +97,7 @@ def test_family_matches_pytorch_with_and_without_past(exported, family):
     ckpt, pkg = exported(family)
     manifest = json.loads((pkg / "onnxllm.json").read_text())
     assert manifest["verification"]["max_abs_diff"] < 1e-4
-    arch = manifest["architecture"]
+    io = DecoderIO.from_manifest(read_manifest(pkg))
     graph = manifest["variants"]["fp32"]["method"]["graph"]
     for key, per_layer in FAMILIES[family][2].items():  # the feature is on, and the manifest says how it runs
         assert [layer[key] for layer in graph["layers"]] == per_layer, key
@@ -120,11 +113,10 @@ def test_family_matches_pytorch_with_and_without_past(exported, family):
         ids = rng.integers(0, 256, size=(1, length)).astype(np.int64)
         with torch.no_grad():
             ref = model(torch.from_numpy(ids)).logits.numpy()
-        full = sess.run(None, _feeds(arch, ids, None, 0))[0]
+        full = io.run(sess, io.feed(ids)).logits
         np.testing.assert_allclose(full, ref, atol=1e-4, err_msg="without past")
-        first = sess.run(None, _feeds(arch, ids[:, :split], None, 0))
-        past = [(first[1 + 2 * i], first[2 + 2 * i]) for i in range(arch["num_layers"])]
-        rest = sess.run(None, _feeds(arch, ids[:, split:], past, split))[0]
+        first = io.run(sess, io.feed(ids[:, :split]))
+        rest = io.run(sess, io.feed(ids[:, split:], start=split, past=first.present)).logits
         np.testing.assert_allclose(rest, ref[:, split:], atol=1e-4, err_msg="with past")
 
 
