@@ -381,3 +381,13 @@ def test_cli_serve_with_api_key(tiny_chat):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_readme_client_example(server):
+    """The README's openai-client example, pointed at this server and model."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    code = next(c for c in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "base_url" in c)
+    code = code.replace("http://127.0.0.1:8080/v1", f"{server.url}/v1").replace("smollm2-135m-instruct", NAME)
+    code = code.replace("stream=True,", "stream=True, max_tokens=5,")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -5,6 +5,6 @@ from __future__ import annotations
 
 
 def routers() -> list:
-    from . import chat, completions, models
+    from . import chat, completions, models, page
 
-    return [models.router, chat.router, completions.router]
+    return [models.router, chat.router, completions.router, page.router]

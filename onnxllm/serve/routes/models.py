@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Request
 
 from ..schemas import ModelCard, ModelList
@@ -24,5 +26,5 @@ async def get_model(name: str, request: Request) -> ModelCard:
 
 @router.get("/health")
 async def health(request: Request) -> dict:
-    """Liveness plus per-model state: loaded, running, queued, and request counters."""
-    return {"status": "ok", "models": registry(request).status()}
+    """Liveness plus per-model state: loaded, running, queued, and request counters; pid tells replicas apart."""
+    return {"status": "ok", "pid": os.getpid(), "models": registry(request).status()}
