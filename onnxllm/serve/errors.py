@@ -6,7 +6,7 @@ import logging
 import re
 from dataclasses import dataclass, field, fields
 
-from ..errors import ContextOverflowError, GenerationError, ModelNotFoundError, OnnxLLMError
+from ..errors import ContextOverflowError, EmbeddingError, GenerationError, ModelNotFoundError, OnnxLLMError
 from ..runtime.generate import GenerationConfig
 from .schemas import ErrorBody, ErrorResponse
 
@@ -67,6 +67,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), param="max_tokens", code="context_length_exceeded")
     if isinstance(exc, GenerationError):
         return APIError(400, str(exc), param=_param_of(str(exc)), code="invalid_value")
+    if isinstance(exc, EmbeddingError):  # a bad input text, or a package that cannot embed
+        return APIError(400, str(exc), param="input", code="invalid_value")
     if isinstance(exc, ModelNotFoundError):
         return APIError(404, str(exc), code="model_not_found")
     if isinstance(exc, OnnxLLMError):  # a package or device problem on the server's side

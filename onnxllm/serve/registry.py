@@ -158,6 +158,7 @@ class Registry:
             return
         finally:
             slot.durations.append(time.monotonic() - began)
+        last = last if isinstance(last, Chunk) else None  # an embedding request's one item is its vectors
         slot.last_finish = last
         if last is not None and last.finish_reason == "cancelled":
             slot.counters.cancelled += 1

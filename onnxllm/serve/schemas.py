@@ -298,3 +298,33 @@ class ErrorBody(_Response):
 
 class ErrorResponse(_Response):
     error: ErrorBody
+
+
+# -- embeddings (POST /v1/embeddings) ---------------------------------------------------------------
+class EmbeddingRequest(_Request):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]  # token-id inputs are refused by the route
+    encoding_format: Literal["float", "base64"] = "float"  # the openai client asks for base64 by default
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+    # Not OpenAI's (ollama's /api/embed has it): False refuses texts over the model's limit instead of cutting.
+    truncate: bool = True
+
+
+class EmbeddingData(_Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32
+
+
+class EmbeddingUsage(_Response):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(_Response):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+    truncated: list[int] | None = None  # not OpenAI's: indices of inputs cut to the model's limit

@@ -5,6 +5,6 @@ from __future__ import annotations
 
 
 def routers() -> list:
-    from . import chat, completions, models, page
+    from . import chat, completions, embeddings, models, page
 
-    return [models.router, chat.router, completions.router, page.router]
+    return [models.router, chat.router, completions.router, embeddings.router, page.router]
