@@ -244,13 +244,19 @@ def generation_options(fn):
 @click.option("--context", type=click.IntRange(1), help="Context length to allow (default: the model's).")
 @click.option("--variant", help="Package variant (fp32, int8, int4...; default: best for the device).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON result.")
+@click.option("--logprobs", "top_logprobs", type=click.IntRange(0, 20),
+              help="With --json: each token's log-probability and the N most likely tokens at each step.")
 @click.option("-v", "--verbose", is_flag=True, help="Print prefill/decode speed and time to first token.")
 @handle_errors
-def run(model, prompt, system, chat_mode, device, threads, context, variant, as_json, verbose, **gen):
+def run(model, prompt, system, chat_mode, device, threads, context, variant, as_json, top_logprobs, verbose, **gen):
     """Generate from MODEL (package, model.onnx or catalog name). No PROMPT on a terminal: chat."""
     from .api import load
 
     options = {k: v for k, v in gen.items() if v not in (None, ())}
+    if top_logprobs is not None:
+        if not as_json:
+            raise OnnxLLMError("--logprobs goes with --json (the log-probabilities are printed in the JSON result)")
+        options.update(logprobs=True, top_logprobs=top_logprobs)
     m = load(model, device=device, variant=variant, threads=threads, context=context, progress=_progress)
     m.config(**options)  # validate before reading stdin or starting a chat
     if m.providers.fallback_reason and (verbose or device != "auto"):
@@ -264,10 +270,14 @@ def run(model, prompt, system, chat_mode, device, threads, context, variant, as_
         return
     if as_json:
         result = m.generate(text, chat=use_chat, system=system, **options)
-        click.echo(json.dumps({"text": result.text, "tokens": result.token_ids, "finish_reason": result.finish_reason,
-                               "timings": result.timings.as_dict() if result.timings else None,
-                               "model": str(m.root), "variant": m.variant, "device": m.providers.device},
-                              ensure_ascii=False))
+        out = {"text": result.text, "tokens": result.token_ids, "finish_reason": result.finish_reason,
+               "timings": result.timings.as_dict() if result.timings else None,
+               "model": str(m.root), "variant": m.variant, "device": m.providers.device}
+        if top_logprobs is not None:
+            out["logprobs"] = [{"token": lp.token, "text": lp.text, "logprob": lp.logprob,
+                                "top": [{"token": t, "text": x, "logprob": v} for t, x, v in lp.top]}
+                               for lp in result.logprobs]
+        click.echo(json.dumps(out, ensure_ascii=False))
         return
     _stream_to_stdout(m.stream(text, chat=use_chat, system=system, **options), verbose=verbose)
 

@@ -275,3 +275,42 @@ def test_validate_sampling_accepts_edges():
         make_logits_processors(presence_penalty=float("nan"))
     with pytest.raises(GenerationError, match="temperature"):
         apply_temperature(np.zeros(3, np.float32), 0.0)
+
+
+# -- log-probabilities ------------------------------------------------------------------------------
+def _log_softmax(x):
+    import torch
+
+    return torch.log_softmax(torch.tensor(x, dtype=torch.float64), dim=-1).numpy()
+
+
+def test_logprobs_greedy_are_log_softmax_of_the_logits():
+    from onnxllm.runtime.sampling import make_logprobs
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=50).astype(np.float32) * 3
+    expected = _log_softmax(logits)
+    token = int(np.argmax(logits))
+    result = make_logprobs(top_n=5)(logits, token)
+    assert result.token == token and result.logprob == pytest.approx(expected[token], abs=1e-9)
+    order = np.argsort(-expected)[:5]
+    assert [t for t, _ in result.top] == list(order)
+    assert [lp for _, lp in result.top] == pytest.approx(expected[order], abs=1e-9)
+    assert make_logprobs()(logits, token).top == ()
+
+
+def test_logprobs_sampling_follow_temperature_and_masks():
+    from onnxllm.runtime.sampling import apply_top_k, make_logprobs
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=40).astype(np.float32)
+    lp = make_logprobs(temperature=0.5, top_k=3, top_n=10)
+    kept = apply_top_k(logits / np.float32(0.5), 3)
+    expected = _log_softmax(np.where(np.isfinite(kept), kept, -np.inf))
+    token = int(np.argsort(-logits)[1])
+    result = lp(logits, token)
+    assert result.logprob == pytest.approx(expected[token], abs=1e-6)
+    assert len(result.top) == 3  # masked tokens are not alternatives
+    assert np.exp([p for _, p in result.top]).sum() == pytest.approx(1.0)
+    outside = int(np.argmin(logits))
+    assert lp(logits, outside).logprob == -np.inf

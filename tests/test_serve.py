@@ -391,3 +391,44 @@ def test_readme_client_example(server):
     code = code.replace("stream=True,", "stream=True, max_tokens=5,")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_prefix_reuse_across_requests(server, direct):
+    """Requests that share a system prompt prefill only what differs (the KV cache stays the model's)."""
+    client = server.openai()
+    system = {"role": "system", "content": "You answer in one word. " * 3}
+    first = client.chat.completions.create(model=NAME, messages=[system, {"role": "user", "content": "Sky?"}],
+                                           max_tokens=2)
+    second = client.chat.completions.create(model=NAME, messages=[system, {"role": "user", "content": "Sea?"}],
+                                            max_tokens=2)
+    a, b = (direct.encode_chat([system, {"role": "user", "content": q}]) for q in ("Sky?", "Sea?"))
+    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert shared > 100 and second.usage.prompt_tokens_details.cached_tokens == shared
+    assert first.usage.prompt_tokens == second.usage.prompt_tokens
+
+
+def test_logprobs_whole_streamed_and_legacy(server, direct):
+    client = server.openai()
+    expected = direct.generate(MESSAGES, max_tokens=6, logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=6, logprobs=True,
+                                           top_logprobs=3)
+    content = whole.choices[0].logprobs.content
+    assert [t.token for t in content] == [lp.text for lp in expected.logprobs]
+    assert [t.logprob for t in content] == pytest.approx([lp.logprob for lp in expected.logprobs], abs=1e-5)
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob >= t.logprob - 1e-9 for t in content)
+    streamed = list(client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=6, logprobs=True,
+                                                   top_logprobs=3, stream=True))
+    pieces = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in pieces] == [t.token for t in content]
+    assert [t.logprob for t in pieces] == pytest.approx([t.logprob for t in content], abs=1e-5)
+    assert all(c.choices[0].logprobs is None for c in
+               client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=2, stream=True) if c.choices)
+    legacy = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=4, logprobs=2)
+    raw = direct.generate("Once upon a time", max_tokens=4, logprobs=True, top_logprobs=2)
+    lp = legacy.choices[0].logprobs
+    assert lp.tokens == [x.text for x in raw.logprobs] and len(lp.top_logprobs[0]) <= 2
+    assert lp.token_logprobs == pytest.approx([x.logprob for x in raw.logprobs], abs=1e-5)
+    for body, param in (({**OK, "top_logprobs": 2}, "top_logprobs"), ({**OK, "logprobs": True, "top_logprobs": 21},
+                                                                      "top_logprobs")):
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+        assert response.status_code == 400 and _error(response)["param"] == param

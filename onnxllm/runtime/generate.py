@@ -20,7 +20,9 @@ from ..errors import GenerationError
 from .detokenizer import StreamingDetokenizer
 from .lookup import PromptLookup
 from .sampling import (
+    TokenLogprobs,
     make_logits_processors,
+    make_logprobs,
     make_sampler,
     make_verifier,
     validate_sampling,
@@ -53,6 +55,10 @@ class GenerationConfig:
     # equally close to fp32 (docs/BENCHMARKS.md). A seed reproduces a sample for the same settings, not
     # across draft_tokens. 0 turns it off.
     draft_tokens: int = 8
+    # Log-probabilities on each Chunk: the chosen token's, in the distribution it was drawn from, and the
+    # top_logprobs most likely tokens (top_logprobs > 0 turns logprobs on too).
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def updated(self, **options) -> "GenerationConfig":
         known = {f.name for f in fields(self)}
@@ -78,6 +84,9 @@ class GenerationConfig:
             raise GenerationError("stop strings must be non-empty strings")
         if isinstance(self.draft_tokens, bool) or not isinstance(self.draft_tokens, int) or not 0 <= self.draft_tokens <= 64:
             raise GenerationError(f"draft_tokens must be an integer from 0 (off) to 64, got {self.draft_tokens!r}")
+        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) \
+                or not 0 <= self.top_logprobs <= 20:
+            raise GenerationError(f"top_logprobs must be an integer from 0 to 20, got {self.top_logprobs!r}")
         if self.context_overflow not in ("error", "truncate"):
             raise GenerationError(f"context_overflow must be 'error' or 'truncate', got {self.context_overflow!r}")
         return self
@@ -130,6 +139,17 @@ class Chunk:
     finish_reason: str | None = None
     timings: Timings | None = None
     tool_calls: tuple = ()  # ToolCalls completed by this chunk (only when tools were given)
+    logprobs: "Logprob | None" = None  # the token's log-probability (only when asked for)
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """A generated token's log-probability, and the most likely tokens at that step, with their text."""
+
+    token: int
+    text: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (token, text, logprob), best first
 
 
 @dataclass(frozen=True)
@@ -139,6 +159,7 @@ class GenerationResult:
     finish_reason: str
     timings: Timings = field(default_factory=Timings)
     tool_calls: list = field(default_factory=list)  # ToolCalls the model made (only when tools were given)
+    logprobs: list[Logprob] = field(default_factory=list)  # one per token (only when asked for)
 
 
 class Session(Protocol):
@@ -159,6 +180,7 @@ class TokenEvent:
     token: int | None
     finish_reason: str | None
     timings: Timings
+    logprobs: TokenLogprobs | None = None
 
 
 class TokenPicker:
@@ -178,16 +200,35 @@ class TokenPicker:
                            or config.frequency_penalty != 0.0)
         self.prompt_len = len(prompt_ids)
         self.history = list(prompt_ids)  # prompt + tokens given out
+        self._score = None
+        if config.logprobs or config.top_logprobs > 0:
+            self._score = make_logprobs(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                                        min_p=config.min_p, top_n=config.top_logprobs)
+        self.scores: list[TokenLogprobs] = []  # with logprobs: one per token chosen since the last take_scores
 
     def processed(self, logits: np.ndarray, pending: Sequence[int]) -> np.ndarray:
         return self._process(logits, self.history + list(pending), self.prompt_len) if self._penalties else logits
 
     def pick(self, logits: np.ndarray, pending: Sequence[int] = ()) -> int:
-        return self._sample(self.processed(logits, pending))
+        row = self.processed(logits, pending)
+        return self._scored(row, self._sample(row))
 
     def check(self, logits: np.ndarray, pending: Sequence[int], guess: int) -> tuple[int, bool]:
         """(token, accepted): the guess when the model agrees, else the token that replaces it."""
-        return self._verify(self.processed(logits, pending), guess)
+        row = self.processed(logits, pending)
+        token, ok = self._verify(row, guess)
+        return self._scored(row, token), ok
+
+    def _scored(self, row: np.ndarray, token: int) -> int:
+        # Scored from the very logits the token was drawn from (after the penalties).
+        if self._score is not None:
+            self.scores.append(self._score(row, token))
+        return token
+
+    def take_scores(self) -> list[TokenLogprobs]:
+        """The log-probabilities of the tokens chosen since the last call (empty without logprobs)."""
+        scores, self.scores = self.scores, []
+        return scores
 
     def given_out(self, token: int) -> None:
         self.history.append(token)
@@ -259,6 +300,7 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
     prefill_s = time.perf_counter() - start
     decode_start = time.perf_counter()
     pending = [picker.pick(logits)]  # tokens chosen, not yet given out
+    scores = picker.take_scores()  # their log-probabilities, when asked for
     while True:
         for j, token in enumerate(pending):
             if token in eos:
@@ -269,7 +311,8 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
             picker.given_out(token)
             if lookup is not None:
                 lookup.append(token)
-            yield TokenEvent(token, None, timings(prefill_s, time.perf_counter() - decode_start))
+            yield TokenEvent(token, None, timings(prefill_s, time.perf_counter() - decode_start),
+                             scores[j] if scores else None)
             if generated >= config.max_tokens:
                 yield TokenEvent(None, "length", timings(prefill_s, time.perf_counter() - decode_start))
                 return
@@ -281,8 +324,10 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
         passes += 1
         if not draft:
             pending, guessed = decode_one_token(session, last, picker), 0
+            scores = picker.take_scores()
             continue
         pending = verify_draft(session, last, draft, picker)
+        scores = picker.take_scores()
         drafted += len(draft)
         guessed = len(pending) - 1
         draft_len = min(draft_len + 2, config.draft_tokens) if len(pending) > len(draft) else max(1, draft_len - 1)
@@ -305,6 +350,16 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return keep
 
 
+def _with_text(scored: TokenLogprobs | None, tokenizer) -> Logprob | None:
+    if scored is None:
+        return None
+
+    def text(token: int) -> str:
+        return tokenizer.decode([token], skip_special_tokens=False)
+
+    return Logprob(scored.token, text(scored.token), scored.logprob, tuple((t, text(t), lp) for t, lp in scored.top))
+
+
 def stream_text(events: Iterator[TokenEvent], tokenizer, config: GenerationConfig) -> Iterator[Chunk]:
     """Text deltas from token events; cuts exactly at the first stop string."""
     detok = StreamingDetokenizer(tokenizer)
@@ -322,7 +377,7 @@ def stream_text(events: Iterator[TokenEvent], tokenizer, config: GenerationConfi
         if config.stop:
             hit = _stop_hit(pending, config.stop)
             if hit is not None:
-                yield Chunk(pending[:hit], event.token, None)
+                yield Chunk(pending[:hit], event.token, None, logprobs=_with_text(event.logprobs, tokenizer))
                 yield Chunk("", None, "stop", event.timings)
                 events.close()
                 return
@@ -330,4 +385,4 @@ def stream_text(events: Iterator[TokenEvent], tokenizer, config: GenerationConfi
             delta, pending = pending[:shown], pending[shown:]
         else:
             delta, pending = pending, ""
-        yield Chunk(delta, event.token, None)
+        yield Chunk(delta, event.token, None, logprobs=_with_text(event.logprobs, tokenizer))

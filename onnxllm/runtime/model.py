@@ -223,15 +223,17 @@ def _tool_names(tools: list[dict]) -> list[str]:
 
 
 def collect(chunks: Iterator[Chunk]) -> GenerationResult:
-    text, tokens, finish, timings, calls = [], [], "length", None, []
+    text, tokens, finish, timings, calls, logprobs = [], [], "length", None, [], []
     for chunk in chunks:
         text.append(chunk.text)
         calls.extend(chunk.tool_calls)
+        if chunk.logprobs is not None:
+            logprobs.append(chunk.logprobs)
         if chunk.token is not None:
             tokens.append(chunk.token)
         if chunk.finish_reason:
             finish, timings = chunk.finish_reason, chunk.timings
-    return GenerationResult("".join(text), tokens, finish, timings, calls)
+    return GenerationResult("".join(text), tokens, finish, timings, calls, logprobs)
 
 
 class Chat:

@@ -8,6 +8,7 @@ the most likely token, so a processed vector always has a finite maximum.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -16,8 +17,8 @@ from onnxllm.errors import GenerationError
 
 __all__ = [
     "apply_min_p", "apply_presence_frequency_penalty", "apply_repetition_penalty", "apply_temperature",
-    "apply_top_k", "apply_top_p", "make_logits_processors", "make_sampler", "make_verifier", "softmax",
-    "validate_sampling",
+    "apply_top_k", "apply_top_p", "make_logits_processors", "make_logprobs", "make_sampler", "make_verifier",
+    "softmax", "TokenLogprobs", "validate_sampling",
 ]
 
 Sampler = Callable[[np.ndarray], int]
@@ -221,6 +222,58 @@ def distribution(temperature: float, top_k: int, top_p: float, min_p: float) -> 
         return idx, softmax(apply_min_p(apply_top_p(out, top_p), min_p))
 
     return dist
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A chosen token's log-probability and the most likely tokens with theirs, best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def make_logprobs(
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    top_n: int = 0,
+) -> Callable[[np.ndarray, int], TokenLogprobs]:
+    """Return ``logprobs(logits, token) -> TokenLogprobs`` in the distribution ``make_sampler`` draws from
+    with the same options: greedy, the softmax of the logits as given (after any penalties); sampling,
+    after temperature and the masks, so a masked token has ``-inf`` and never appears among the top ones.
+    ``top_n`` alternatives (0: none). The speculative check keeps that distribution, so this holds for
+    drafted tokens too."""
+    validate_sampling(temperature, top_k, top_p, min_p)
+    dist = None if temperature == 0.0 else distribution(temperature, top_k, top_p, min_p)
+
+    def logprobs(logits: np.ndarray, token: int) -> TokenLogprobs:
+        if dist is None:
+            arr = _as_logits(logits).astype(np.float64)
+            top = arr.max()
+            if not np.isfinite(top):
+                raise GenerationError("logits have no finite maximum (all masked, NaN or +inf); cannot sample")
+            logp = arr - (top + np.log(np.exp(arr - top).sum()))
+        else:
+            idx, probs = dist(logits)
+            with np.errstate(divide="ignore"):
+                part = np.log(probs)
+            if idx is None:
+                logp = part
+            else:
+                logp = np.full(np.asarray(logits).size, -np.inf)
+                logp[idx] = part
+        best: tuple[tuple[int, float], ...] = ()
+        if top_n > 0:
+            n = min(top_n, int(np.isfinite(logp).sum()))
+            ids = np.argpartition(-logp, n - 1)[:n] if n < logp.size else np.arange(logp.size)
+            ids = ids[np.argsort(-logp[ids], kind="stable")]
+            best = tuple((int(i), float(logp[i])) for i in ids)
+        return TokenLogprobs(int(token), float(logp[token]), best)
+
+    return logprobs
 
 
 def make_sampler(

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from .. import __version__
-from ..runtime.generate import Chunk, Timings
+from ..runtime.generate import Chunk, Logprob, Timings
 from .registry import ChunkStream
 from .schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
-                      Completion, CompletionChoice, FunctionCall, FunctionCallDelta, PromptTokensDetails, ToolCall,
-                      ToolCallDelta, Usage)
+                      ChoiceLogprobs, Completion, CompletionChoice, CompletionLogprobs, FunctionCall,
+                      FunctionCallDelta, PromptTokensDetails, TokenLogprob, ToolCall, ToolCallDelta, TopLogprob, Usage)
 from .sse import DONE, event
 
 FINGERPRINT = f"onnxllm-{__version__}"
@@ -52,37 +52,67 @@ def _tool_call(call) -> ToolCall:
     return ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments_json))
 
 
-async def collect(run: ChunkStream) -> tuple[str, Chunk | None, list]:
-    """The whole text, the final chunk (finish_reason, timings) and the tool calls."""
-    parts, last, calls = [], None, []
+def _bytes(text: str) -> list[int] | None:
+    # A token that ends inside a UTF-8 character decodes to U+FFFD alone: its own bytes are not known here.
+    return None if "\ufffd" in text else list(text.encode("utf-8"))
+
+
+def chat_logprobs(items: list[Logprob]) -> ChoiceLogprobs | None:
+    if not items:
+        return None
+    return ChoiceLogprobs(content=[
+        TokenLogprob(token=lp.text, logprob=lp.logprob, bytes=_bytes(lp.text),
+                     top_logprobs=[TopLogprob(token=text, logprob=value, bytes=_bytes(text))
+                                   for _, text, value in lp.top])
+        for lp in items])
+
+
+def completion_logprobs(items: list[Logprob], offset: int = 0) -> CompletionLogprobs | None:
+    if not items:
+        return None
+    offsets = []
+    for lp in items:
+        offsets.append(offset)
+        offset += len(lp.text)
+    return CompletionLogprobs(tokens=[lp.text for lp in items], token_logprobs=[lp.logprob for lp in items],
+                              top_logprobs=[{text: value for _, text, value in lp.top} for lp in items],
+                              text_offset=offsets)
+
+
+async def collect(run: ChunkStream) -> tuple[str, Chunk | None, list, list[Logprob]]:
+    """The whole text, the final chunk (finish_reason, timings), the tool calls and the log-probabilities."""
+    parts, last, calls, logprobs = [], None, [], []
     async for chunk in run:
         parts.append(chunk.text)
         calls.extend(chunk.tool_calls)
+        if chunk.logprobs is not None:
+            logprobs.append(chunk.logprobs)
         if chunk.finish_reason:
             last = chunk
-    return "".join(parts), last, calls
+    return "".join(parts), last, calls, logprobs
 
 
 async def chat_completion(run: ChunkStream, env: Envelope) -> ChatCompletion:
-    text, last, calls = await collect(run)
+    text, last, calls, logprobs = await collect(run)
     message = AssistantMessage(content=text or None if calls else text,
                                tool_calls=[_tool_call(c) for c in calls] or None)
+    choice = ChatChoice(message=message, logprobs=chat_logprobs(logprobs), finish_reason=_finish(last, bool(calls)))
     return ChatCompletion(id=env.id, created=env.created, model=env.model, system_fingerprint=FINGERPRINT,
-                          choices=[ChatChoice(message=message, finish_reason=_finish(last, bool(calls)))],
-                          usage=usage(last.timings if last else None))
+                          choices=[choice], usage=usage(last.timings if last else None))
 
 
 async def chat_events(run: ChunkStream, env: Envelope, *, include_usage: bool) -> AsyncIterator[str]:
-    def chunk(delta: ChatDelta, finish: str | None = None) -> str:
+    def chunk(delta: ChatDelta, finish: str | None = None, logprobs: ChoiceLogprobs | None = None) -> str:
+        choice = ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish)
         return event(ChatCompletionChunk(id=env.id, created=env.created, model=env.model,
-                                         system_fingerprint=FINGERPRINT,
-                                         choices=[ChatChunkChoice(delta=delta, finish_reason=finish)]))
+                                         system_fingerprint=FINGERPRINT, choices=[choice]))
 
     yield chunk(ChatDelta(role="assistant", content=""))
     last, called = None, 0
     async for piece in run:
-        if piece.text:
-            yield chunk(ChatDelta(content=piece.text))
+        if piece.text or piece.logprobs:  # a token held back (a possible stop string) still has its logprob
+            scored = chat_logprobs([piece.logprobs] if piece.logprobs else [])
+            yield chunk(ChatDelta(content=piece.text), logprobs=scored)
         if piece.tool_calls:  # a call is parsed whole, so it goes out as one delta with all its arguments
             deltas = [ToolCallDelta(index=called + i, id=c.id, type="function",
                                     function=FunctionCallDelta(name=c.name, arguments=c.arguments_json))
@@ -100,25 +130,26 @@ async def chat_events(run: ChunkStream, env: Envelope, *, include_usage: bool) -
 
 
 async def completion(run: ChunkStream, env: Envelope, *, echo: str = "") -> Completion:
-    text, last, _ = await collect(run)
+    text, last, _, logprobs = await collect(run)
     finish = FINISH[last.finish_reason] if last else "stop"
+    choice = CompletionChoice(text=echo + text, logprobs=completion_logprobs(logprobs, len(echo)), finish_reason=finish)
     return Completion(id=env.id, created=env.created, model=env.model, system_fingerprint=FINGERPRINT,
-                      choices=[CompletionChoice(text=echo + text, finish_reason=finish)],
-                      usage=usage(last.timings if last else None))
+                      choices=[choice], usage=usage(last.timings if last else None))
 
 
 async def completion_events(run: ChunkStream, env: Envelope, *, include_usage: bool,
                             echo: str = "") -> AsyncIterator[str]:
-    def chunk(text: str, finish: str | None = None) -> str:
+    def chunk(text: str, finish: str | None = None, logprobs: CompletionLogprobs | None = None) -> str:
         return event(Completion(id=env.id, created=env.created, model=env.model, system_fingerprint=FINGERPRINT,
-                                choices=[CompletionChoice(text=text, finish_reason=finish)]))
+                                choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)]))
 
     if echo:
         yield chunk(echo)
-    last = None
+    last, offset = None, len(echo)
     async for piece in run:
-        if piece.text:
-            yield chunk(piece.text)
+        if piece.text or piece.logprobs:
+            yield chunk(piece.text, logprobs=completion_logprobs([piece.logprobs] if piece.logprobs else [], offset))
+            offset += len(piece.logprobs.text) if piece.logprobs else 0
         if piece.finish_reason:
             last = piece
             yield chunk("", FINISH[piece.finish_reason])

@@ -149,6 +149,8 @@ class ChatCompletionRequest(SamplingRequest):
         options = super().generation_options()
         if self.max_completion_tokens is not None:  # the newer name wins, as in OpenAI's API
             options["max_tokens"] = self.max_completion_tokens
+        if self.logprobs:
+            options.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
         return options
 
     def template_messages(self) -> list[dict]:
@@ -164,6 +166,12 @@ class CompletionRequest(SamplingRequest):
     @property
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def generation_options(self) -> dict:
+        options = super().generation_options()
+        if self.logprobs is not None:  # the legacy API's logprobs is the number of alternatives
+            options.update(logprobs=True, top_logprobs=self.logprobs)
+        return options
 
 
 # -- responses --------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ router = APIRouter()
 
 
 def _check(body: ChatCompletionRequest) -> None:
-    if body.logprobs or body.top_logprobs:
-        raise refuse("logprobs", "log-probabilities are not supported yet")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise refuse("top_logprobs", "top_logprobs needs logprobs: true")
     if body.tool_choice == "required" or not isinstance(body.tool_choice, (str, type(None))):
         raise refuse("tool_choice", "forcing a tool call needs constrained decoding; use 'auto' or 'none'")
 

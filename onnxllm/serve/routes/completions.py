@@ -18,8 +18,8 @@ def _check(body: CompletionRequest) -> None:
         raise refuse("prompt", f"give one prompt per request, got a list of {len(body.prompt)}")
     if body.suffix:
         raise refuse("suffix", "fill-in-the-middle is not supported")
-    if body.logprobs:
-        raise refuse("logprobs", "log-probabilities are not supported yet")
+    if body.logprobs is not None and body.echo:
+        raise refuse("logprobs", "log-probabilities of an echoed prompt are not computed; drop echo or logprobs")
 
 
 @router.post("/v1/completions", response_model=None)
