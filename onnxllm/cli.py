@@ -211,6 +211,17 @@ def _interactive(model, options: dict, system: str | None, verbose: bool) -> Non
             _print_stats(last.timings)
 
 
+def _generation_options(gen: dict) -> dict:
+    """The options given; --json-schema (a file unless it is JSON text) and --grammar files become their text."""
+    options = {k: v for k, v in gen.items() if v not in (None, ())}
+    schema = options.get("json_schema")
+    if schema is not None and not schema.lstrip().startswith("{"):
+        options["json_schema"] = _read_text_file(schema)
+    if "grammar" in options:
+        options["grammar"] = _read_text_file(options["grammar"])
+    return options
+
+
 def generation_options(fn):
     opts = [
         click.option("--max-tokens", type=int, help="Most tokens to generate."),
@@ -227,6 +238,11 @@ def generation_options(fn):
                      help="When a chat outgrows the context: fail (default) or drop the oldest turns."),
         click.option("--draft-tokens", type=int,
                      help="Speculative decoding by prompt lookup: most tokens guessed per step (default 8; 0 = off)."),
+        click.option("--json-schema", help="Answer in JSON that validates against this schema (a file or JSON text)."),
+        click.option("--json-object", is_flag=True, default=None, help="Answer with any JSON object."),
+        click.option("--regex", help="Answer with text that matches this regular expression."),
+        click.option("--grammar", type=click.Path(dir_okay=False),
+                     help="Answer in this grammar (a Lark or GBNF file)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -252,7 +268,7 @@ def run(model, prompt, system, chat_mode, device, threads, context, variant, as_
     """Generate from MODEL (package, model.onnx or catalog name). No PROMPT on a terminal: chat."""
     from .api import load
 
-    options = {k: v for k, v in gen.items() if v not in (None, ())}
+    options = _generation_options(gen)
     if top_logprobs is not None:
         if not as_json:
             raise OnnxLLMError("--logprobs goes with --json (the log-probabilities are printed in the JSON result)")
@@ -294,7 +310,7 @@ def chat(model, system, device, variant, verbose, **gen):
     """Interactive multi-turn chat with MODEL."""
     from .api import load
 
-    options = {k: v for k, v in gen.items() if v not in (None, ())}
+    options = _generation_options(gen)
     m = load(model, device=device, variant=variant, progress=_progress)
     m.config(**options)
     _interactive(m, options, system, verbose)

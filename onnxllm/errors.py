@@ -43,3 +43,7 @@ class ContextOverflowError(GenerationError):
 
 class OfflineError(ModelNotFoundError):
     """A hub id was asked for but the network cannot be reached."""
+
+
+class ConstraintError(GenerationError):
+    """A JSON schema, regular expression or grammar that cannot be compiled or held to."""

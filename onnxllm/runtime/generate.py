@@ -17,6 +17,7 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 
 from ..errors import GenerationError
+from .constraints import Constraint, ConstraintSpec, constraint_spec, schema_text
 from .detokenizer import StreamingDetokenizer
 from .lookup import PromptLookup
 from .sampling import (
@@ -59,6 +60,21 @@ class GenerationConfig:
     # top_logprobs most likely tokens (top_logprobs > 0 turns logprobs on too).
     logprobs: bool = False
     top_logprobs: int = 0
+    # Structured output (constraints.py, needs onnxllm[structured]), one at a time: a JSON schema (a dict,
+    # JSON text or a pydantic model class), a regular expression, a grammar (Lark or GBNF), or
+    # json_object=True for any JSON object. Tokens outside it are masked under every sampling setting.
+    json_schema: str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "json_schema", schema_text(self.json_schema))  # frozen: a dict would be mutable
+
+    def constraint(self) -> ConstraintSpec | None:
+        """The structured-output constraint asked for, or None; ConstraintError when two are given."""
+        return constraint_spec(json_schema=self.json_schema, regex=self.regex, grammar=self.grammar,
+                               json_object=self.json_object)
 
     def updated(self, **options) -> "GenerationConfig":
         known = {f.name for f in fields(self)}
@@ -89,6 +105,7 @@ class GenerationConfig:
             raise GenerationError(f"top_logprobs must be an integer from 0 to 20, got {self.top_logprobs!r}")
         if self.context_overflow not in ("error", "truncate"):
             raise GenerationError(f"context_overflow must be 'error' or 'truncate', got {self.context_overflow!r}")
+        self.constraint()
         return self
 
 
@@ -188,7 +205,7 @@ class TokenPicker:
 
     `pending` is what a pass has chosen but not yet given out (it counts for the penalties)."""
 
-    def __init__(self, config: GenerationConfig, prompt_ids: Sequence[int]):
+    def __init__(self, config: GenerationConfig, prompt_ids: Sequence[int], *, constraint: Constraint | None = None):
         rng = np.random.default_rng(config.seed)
         options = {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
                    "min_p": config.min_p, "rng": rng}
@@ -205,9 +222,22 @@ class TokenPicker:
             self._score = make_logprobs(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                                         min_p=config.min_p, top_n=config.top_logprobs)
         self.scores: list[TokenLogprobs] = []  # with logprobs: one per token chosen since the last take_scores
+        self.constraint = constraint  # structured output: masks what would leave it, after the penalties
 
     def processed(self, logits: np.ndarray, pending: Sequence[int]) -> np.ndarray:
-        return self._process(logits, self.history + list(pending), self.prompt_len) if self._penalties else logits
+        out = self._process(logits, self.history + list(pending), self.prompt_len) if self._penalties else logits
+        if self.constraint is None:
+            return out
+        return self.constraint.process(out, self.history[self.prompt_len:] + list(pending))
+
+    def draft(self, guesses: list[int], room: int) -> list[int]:
+        """Under a constraint: the tokens it forces next when there are any (a key, a separator), else the
+        guesses cut before the first that leaves it; the model checks either like any draft."""
+        if self.constraint is None:
+            return guesses
+        generated = self.history[self.prompt_len:]
+        forced = self.constraint.forced(generated)[:room]
+        return forced if forced else guesses[:self.constraint.valid_prefix(generated, guesses)]
 
     def pick(self, logits: np.ndarray, pending: Sequence[int] = ()) -> int:
         row = self.processed(logits, pending)
@@ -262,14 +292,16 @@ def verify_draft(session: Session, last: int, draft: Sequence[int], picker: Toke
 
 
 def generate_tokens(session: Session, prompt_ids: Sequence[int], config: GenerationConfig, *,
-                    eos_ids: Sequence[int] = (), cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
+                    eos_ids: Sequence[int] = (), cancel: threading.Event | None = None,
+                    constraint: Constraint | None = None) -> Iterator[TokenEvent]:
     """Prefill `prompt_ids` (reusing the cached prefix), then decode until eos, max_tokens or cancel.
 
     Each decode pass feeds the last token, plus, with `config.draft_tokens`, the tokens prompt lookup
     guesses will follow it; the logits at each fed position accept a guess or give the token that
     replaces it, and the cache is rewound past the first rejected guess. The draft length adapts: two
     more after a pass that accepted all, one fewer after a miss (as in transformers' assisted decoding).
-    The last event has token None and a finish_reason: eos, length or cancelled.
+    The last event has token None and a finish_reason: eos, length or cancelled. With a `constraint`
+    (structured output) every pick is masked to it, and drafts are the tokens it forces or guesses it allows.
     """
     if not prompt_ids:
         raise GenerationError("the prompt is empty; give at least one token of input")
@@ -278,7 +310,7 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
     # Reuse the KV cache for the longest common prefix; at least one token must be fed for logits.
     cached = min(session.common_prefix(prompt_ids), len(prompt_ids) - 1)
     session.rewind(cached)
-    picker = TokenPicker(config, prompt_ids)
+    picker = TokenPicker(config, prompt_ids, constraint=constraint)
     lookup = PromptLookup(prompt_ids) if config.draft_tokens and session.can_verify else None
     draft_len = min(4, config.draft_tokens)
     # Drafts are not cut short near max_tokens (the passes, and so their rounding, stay the same whatever
@@ -320,7 +352,8 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
                 yield TokenEvent(None, "cancelled", timings(prefill_s, time.perf_counter() - decode_start))
                 return
         last = pending[-1]  # given out, not yet in the cache
-        draft = lookup.draft(min(draft_len, session.context - len(session.tokens) - 1)) if lookup is not None else []
+        room = min(draft_len, session.context - len(session.tokens) - 1)
+        draft = picker.draft(lookup.draft(room), room) if lookup is not None else []
         passes += 1
         if not draft:
             pending, guessed = decode_one_token(session, last, picker), 0

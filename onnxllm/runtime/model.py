@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 from ..errors import ContextOverflowError, DeviceError, GenerationError, InvalidPackageError
 from ..package import Manifest, find_package_root, read_manifest, safe_path
 from .chat_template import ChatTemplate, ChatVariables
+from .constraints import Constraint, ConstraintCompiler, tool_call_grammar
 from .generate import Chunk, GenerationConfig, GenerationResult, generate_tokens, stream_text
 from .providers import ProviderChoice, select_providers, session_options
 from .session import DecoderSession, SessionConfig, open_session
@@ -79,6 +80,19 @@ class Model:
         self._lock = threading.RLock()
         self._epoch = 0
         self._malloc_trim = _find_malloc_trim()
+        self._constraints: ConstraintCompiler | None = None  # built on the first constrained call
+
+    def _compiler(self) -> ConstraintCompiler:
+        with self._lock:
+            if self._constraints is None:
+                self._constraints = ConstraintCompiler(self.tokenizer, n_vocab=self.manifest.architecture.vocab_size,
+                                                       eos_ids=self.manifest.eos_token_ids)
+            return self._constraints
+
+    def constraint(self, config: GenerationConfig) -> Constraint | None:
+        """The config's JSON schema, regex or grammar compiled for this model's tokenizer (None: unconstrained)."""
+        spec = config.constraint()
+        return None if spec is None else self._compiler().compile(spec)
 
     # -- prompts -> token ids ------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -127,7 +141,11 @@ class Model:
 
     # -- generation ----------------------------------------------------------------------------
     def config(self, **options) -> GenerationConfig:
-        return self.defaults.updated(**options).validate()
+        config = self.defaults.updated(**options).validate()
+        spec = config.constraint()
+        if spec is not None:
+            self._compiler().grammar(spec)  # a bad schema, regex or grammar fails here, before any generation
+        return config
 
     def stream_ids(self, ids: Sequence[int], config: GenerationConfig, *, cancel: threading.Event | None = None,
                    clip: bool = False) -> Iterator[Chunk]:
@@ -148,7 +166,8 @@ class Model:
                     f"prompt ({len(ids)} tokens) + max_tokens ({config.max_tokens}) = {total} exceeds the context "
                     f"of {self.session.context} tokens; shorten the prompt or lower max_tokens"
                 )
-            events = generate_tokens(self.session, ids, config, eos_ids=self.manifest.eos_token_ids, cancel=stop)
+            events = generate_tokens(self.session, ids, config, eos_ids=self.manifest.eos_token_ids, cancel=stop,
+                                     constraint=self.constraint(config))
             try:
                 yield from stream_text(events, self.tokenizer, config)
             finally:
@@ -162,25 +181,32 @@ class Model:
             self._malloc_trim(0)
 
     def stream(self, prompt: str | Messages, *, cancel: threading.Event | None = None, chat: bool = False,
-               system: str | None = None, tools: list[dict] | None = None, **options) -> Iterator[Chunk]:
+               system: str | None = None, tools: list[dict] | None = None, tool_choice: str | None = None,
+               **options) -> Iterator[Chunk]:
         """Yield Chunks as they are generated; the last one carries finish_reason and timings.
 
         Breaking out of the loop, or setting `cancel` from another thread, stops generation within
         one token; the model stays ready for the next call. `tools` (OpenAI-shaped function
         definitions) go to the chat template; the model's calls come out on `Chunk.tool_calls`, not in
-        the text.
+        the text. `tool_choice`: "auto" (the default), "none" (tools not offered), "required" (one call
+        to one of them) or a tool's name (one call to it); a forced call's arguments follow the tool's
+        parameters schema (structured output, onnxllm[structured]).
         """
-        config = self.config(**options)
-        tools = check_tools(tools)
+        tools = check_tools(tools) if tool_choice != "none" else None
         fmt = self.tool_call_format(tools)
+        if tool_choice not in (None, "auto", "none"):
+            options = {**options, "grammar": _forced_call(fmt, tools, tool_choice)}
+        config = self.config(**options)
         ids = self.prompt_ids(prompt, chat=chat, system=system, tools=tools)
         chunks = self.stream_ids(ids, config, cancel=cancel, clip=options.get("max_tokens") is None)
         return chunks if fmt is None else filter_tool_calls(chunks, fmt, _tool_names(tools))
 
     def generate(self, prompt: str | Messages, *, cancel: threading.Event | None = None, chat: bool = False,
-                 system: str | None = None, tools: list[dict] | None = None, **options) -> GenerationResult:
+                 system: str | None = None, tools: list[dict] | None = None, tool_choice: str | None = None,
+                 **options) -> GenerationResult:
         """The whole answer: text, token ids, finish reason (stop, length, eos, cancelled), timings, tool calls."""
-        return collect(self.stream(prompt, cancel=cancel, chat=chat, system=system, tools=tools, **options))
+        return collect(self.stream(prompt, cancel=cancel, chat=chat, system=system, tools=tools,
+                                   tool_choice=tool_choice, **options))
 
     def chat(self, system: str | None = None, *, tools: list[dict] | None = None, **options) -> "Chat":
         return Chat(self, system=system, tools=tools, **options)
@@ -220,6 +246,16 @@ class _Retired:
 
 def _tool_names(tools: list[dict]) -> list[str]:
     return [t["function"]["name"] for t in tools]
+
+
+def _forced_call(fmt: ToolCallFormat | None, tools: list[dict] | None, choice) -> str:
+    """The grammar of one call to the chosen tool(s), in the format this model's template teaches."""
+    if not isinstance(choice, str):
+        raise GenerationError(f"tool_choice must be 'auto', 'none', 'required' or a tool's name, got {choice!r}")
+    if not tools or fmt is None:
+        raise GenerationError(f"tool_choice {choice!r} needs tools; pass tools=[...] or leave tool_choice out")
+    return tool_call_grammar(tools, start=fmt.start, end=fmt.end, arguments_key=fmt.arguments_keys[0],
+                             name=None if choice == "required" else choice)
 
 
 def collect(chunks: Iterator[Chunk]) -> GenerationResult:

@@ -96,9 +96,24 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")  # "schema" would shadow a pydantic attribute
+    strict: bool | None = None  # accepted; the schema is always enforced (the answer cannot leave it)
+
+
 class ResponseFormat(_Request):
-    # Extension point: the structured-output issue adds "json_schema" / "json_object" here.
-    type: Literal["text"] = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    def generation_options(self) -> dict:
+        """GenerationConfig's structured-output option for this format (none for text)."""
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.type == "json_schema":
+            return {"json_schema": self.json_schema.schema_ if self.json_schema and self.json_schema.schema_ else {}}
+        return {}
 
 
 class SamplingRequest(_Request):
@@ -151,7 +166,15 @@ class ChatCompletionRequest(SamplingRequest):
             options["max_tokens"] = self.max_completion_tokens
         if self.logprobs:
             options.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
+        if self.response_format is not None:
+            options.update(self.response_format.generation_options())
         return options
+
+    @property
+    def tool_choice_name(self) -> str | None:
+        """tool_choice as Model.stream takes it: "auto", "none", "required" or the named tool."""
+        choice = self.tool_choice
+        return choice.function.name if isinstance(choice, NamedToolChoice) else choice
 
     def template_messages(self) -> list[dict]:
         return [m.for_template() for m in self.messages]

@@ -16,8 +16,10 @@ router = APIRouter()
 def _check(body: ChatCompletionRequest) -> None:
     if body.top_logprobs is not None and not body.logprobs:
         raise refuse("top_logprobs", "top_logprobs needs logprobs: true")
-    if body.tool_choice == "required" or not isinstance(body.tool_choice, (str, type(None))):
-        raise refuse("tool_choice", "forcing a tool call needs constrained decoding; use 'auto' or 'none'")
+    if body.tool_choice not in (None, "auto", "none") and not body.tools:
+        raise refuse("tool_choice", "tool_choice forces a call to one of the tools, but no tools were given")
+    if body.response_format and body.response_format.type == "json_schema" and body.response_format.json_schema is None:
+        raise refuse("response_format", "response_format json_schema needs a json_schema: {name, schema}")
 
 
 def _tools(body: ChatCompletionRequest) -> list[dict] | None:
@@ -32,7 +34,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     _check(body)
     messages, options, tools = body.template_messages(), body.generation_options(), _tools(body)
     run = registry(request).open(
-        body.model, lambda model, cancel: model.stream(messages, cancel=cancel, tools=tools, **options))
+        body.model, lambda model, cancel: model.stream(messages, cancel=cancel, tools=tools,
+                                                       tool_choice=body.tool_choice_name, **options))
     env = Envelope.new(body.model, "chatcmpl")
     async with cancel_on_disconnect(request.receive, run.cancel):
         await run.ready()
