@@ -7,6 +7,7 @@ here and map it in `generation_options` / the route that uses it.
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,8 +49,6 @@ class ChatMessage(_Request):
 
     def for_template(self) -> dict:
         """The message as chat templates expect it (transformers' shape: tool-call arguments as a dict)."""
-        import json
-
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
