@@ -43,9 +43,6 @@ import sys
 import time
 from pathlib import Path
 
-if str(Path(__file__).resolve().parent) not in sys.path:  # compare_lib, wherever this file is run from
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from compare_lib.analysis import (
     bandwidth_ceiling,
     disturbance,

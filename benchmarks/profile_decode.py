@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import onnxruntime as ort  # noqa: E402
-
-from onnxllm.package import find_package_root, read_manifest, safe_path  # noqa: E402
-from onnxllm.runtime.providers import default_threads, session_options  # noqa: E402
-from onnxllm.runtime.session import open_session  # noqa: E402
+# A profiler needs the session below the Model (its own SessionOptions with profiling on), so this
+# script, unlike the others, opens one with the runtime's own parts.
+from onnxllm.package import find_package_root, read_manifest, safe_path
+from onnxllm.runtime.providers import default_threads, session_options
+from onnxllm.runtime.session import open_session
 
 
 def _decode_steps(session, prompt: list[int], steps: int) -> list[float]:

@@ -24,11 +24,10 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import onnxruntime as ort
 
 import onnxllm
+from onnxllm.quantize import hamlet_text
 
 QUESTIONS = [
     "Explain how photosynthesis works.",
@@ -41,8 +40,6 @@ QUESTIONS = [
 
 def quality(package: str, variant: str, threads: int) -> None:
     import numpy as np
-
-    from onnxllm.quantize.quality import hamlet_text
 
     def logits(model, ids, chunk):
         s = model.session
@@ -80,7 +77,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=160)
-    parser.add_argument("--draft-tokens", type=int, default=8)
+    parser.add_argument("--draft-tokens", type=int, default=onnxllm.GenerationConfig.draft_tokens)
     parser.add_argument("--quality", action="store_true", help="score the rounding of multi-token passes instead")
     args = parser.parse_args()
     if args.draft_tokens < 1:

@@ -1,30 +1,36 @@
-"""The public functions behind `onnxllm.*` and every CLI command.
+"""The public functions behind `onnxllm.*` and every CLI command (the CLI imports this module only).
 
 Runtime calls import nothing heavy; export and quantize import torch/transformers only when called.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Literal, Sequence
 
+from .bench import BenchOptions, run_bench
 from .cache import CachedModel, cached_models, find_cached, remove_cached
-from .catalog import CATALOG, is_catalog_name
+from .bench import format_bench as format_bench
+from .catalog import CATALOG, cache_dir, is_catalog_name
 from .errors import ModelNotFoundError, UnsupportedModelError
-from .package import check_can_create, exclusive, read_manifest
+from .package import check_can_create, exclusive, find_package_root, read_manifest
 from .runtime.embed import EmbeddingModel, Embeddings, SearchHit, no_embedding_mode
-from .runtime.generate import Chunk, GenerationResult
+from .runtime.generate import Chunk, GenerationConfig, GenerationResult
 from .runtime.model import LoadOptions, Model, load_package
+from .runtime.options import GenerationOptions
+
+if TYPE_CHECKING:  # the quantizer, bench and doctor load only when called
+    from typing_extensions import Unpack
+
+    from .doctor import DoctorLine
+    from .quantize.quality import QualityReport
+    from .quantize.quantize import QuantizeOptions, QuantizeResult
 
 Progress = Callable[[str], None]
-
-
-def cache_dir() -> Path:
-    """Where catalog models are exported to: $ONNXLLM_CACHE or ~/.cache/onnxllm."""
-    from .doctor import cache_dir as _cache_dir
-
-    return _cache_dir()
+_LOAD = LoadOptions()  # the defaults of `load`'s keywords, from their one source
 
 
 def _require_exporter(what: str) -> None:
@@ -61,6 +67,7 @@ def pull(name: str, *, progress: Progress | None = None) -> Path:
 
 
 def resolve_model(model: str | os.PathLike, *, progress: Progress | None = None) -> Path:
+    """The folder or .onnx path `model` names; a catalog name is pulled (exported on first use)."""
     text = str(model)
     if is_catalog_name(text) and not Path(text).exists():
         return pull(text, progress=progress)
@@ -77,8 +84,6 @@ def resolve_model(model: str | os.PathLike, *, progress: Progress | None = None)
 
 def resolve_served_model(model: str | os.PathLike, *, progress: Progress | None = None) -> tuple[str, Path]:
     """(name, package folder) for a server: a catalog name keeps its name, a folder is named after itself."""
-    from .package import find_package_root
-
     text = str(model)
     root = find_package_root(resolve_model(model, progress=progress))
     read_manifest(root)  # a broken package fails now, at start, not on its first request
@@ -96,8 +101,9 @@ def remove_model(name: str) -> CachedModel:
     return remove_cached(cache_dir(), name)
 
 
-def load(model: str | os.PathLike, device: str = "auto", variant: str | None = None, *, threads: int | None = None,
-         context: int | None = None, kv_mode: str = "shared", io_binding: bool = True, prefill_chunk: int = 256,
+def load(model: str | os.PathLike, device: str = _LOAD.device, variant: str | None = None, *,
+         threads: int | None = None, context: int | None = None, kv_mode: str = _LOAD.kv_mode,
+         io_binding: bool = _LOAD.io_binding, prefill_chunk: int = _LOAD.prefill_chunk,
          progress: Progress | None = None) -> Model | EmbeddingModel:
     """Load a package folder, a path to its .onnx, or a catalog name (exported on first use).
 
@@ -109,13 +115,76 @@ def load(model: str | os.PathLike, device: str = "auto", variant: str | None = N
                                           kv_mode=kv_mode, io_binding=io_binding, prefill_chunk=prefill_chunk))
 
 
-def generate(model: Model | str | os.PathLike, prompt, **options) -> GenerationResult:
-    """One-shot generation; `model` may be a loaded Model or anything `load` accepts."""
-    return (model if isinstance(model, Model) else load(model)).generate(prompt, **options)
+def generate(model: Model | str | os.PathLike, prompt, config: GenerationConfig | None = None,
+             **overrides: Unpack[GenerationOptions]) -> GenerationResult:
+    """One-shot generation; `model` may be a loaded Model or anything `load` accepts.
+
+    `config` replaces the package's defaults; `overrides` (GenerationConfig's fields) change single ones."""
+    return (model if isinstance(model, Model) else load(model)).generate(prompt, config, **overrides)
 
 
-def stream(model: Model | str | os.PathLike, prompt, **options) -> Iterator[Chunk]:
-    return (model if isinstance(model, Model) else load(model)).stream(prompt, **options)
+def stream(model: Model | str | os.PathLike, prompt, config: GenerationConfig | None = None,
+           **overrides: Unpack[GenerationOptions]) -> Iterator[Chunk]:
+    """Chunks as they are generated (see Model.stream); `model` as for `generate`."""
+    return (model if isinstance(model, Model) else load(model)).stream(prompt, config, **overrides)
+
+
+def info(model: str | os.PathLike, *, progress: Progress | None = None) -> dict:
+    """What a package holds (architecture, context, variants with size, how made and quality, EOS ids)."""
+    from .runtime.info import package_info
+
+    root = find_package_root(resolve_model(model, progress=progress))
+    return package_info(root, read_manifest(root))
+
+
+def format_info(data: dict) -> str:
+    """`info`'s result for people, as `onnxllm info` prints it."""
+    from .runtime.info import format_info as _format
+
+    return _format(data)
+
+
+def evaluate(package: str | os.PathLike, variant: str | None = None, *, text: str | None = None,
+             tokens: int = 256) -> list[QualityReport]:
+    """Perplexity, KL, top-1 and greedy agreement of a package's variants against its base (fp32, else fp16).
+
+    `variant` None: every quantized variant (the base alone when there is none); `text` None: Hamlet.
+    Each report is also saved into the package's quality.json."""
+    from .quantize.quality import base_variant, evaluate as _evaluate
+
+    manifest = read_manifest(package)
+    base = base_variant(manifest)
+    names = [variant] if variant else [v for v in manifest.variants if v != base] or [base or next(iter(manifest.variants))]
+    return [_evaluate(package, name, text=text, max_tokens=tokens) for name in names]
+
+
+def format_quality(report: QualityReport) -> str:
+    """One of `evaluate`'s reports for people, as `onnxllm eval` prints it."""
+    from .quantize.quality import format_report
+
+    return format_report(report)
+
+
+def bench(model: str | os.PathLike, options: BenchOptions | None = None, *, progress: Progress | None = None) -> dict:
+    """Prefill/decode tokens/s, time to first token, load time and peak memory, with machine and versions."""
+    options = options or BenchOptions()
+    start = time.perf_counter()
+    m = load(model, device=options.device, variant=options.variant, threads=options.threads,
+             prefill_chunk=options.prefill_chunk, progress=progress)
+    return run_bench(m, options, load_s=time.perf_counter() - start, progress=progress)
+
+
+def doctor() -> list[DoctorLine]:
+    """What is installed, which execution providers work here, what to fix."""
+    from .doctor import run_doctor
+
+    return run_doctor()
+
+
+def format_doctor(lines: list[DoctorLine]) -> str:
+    from .doctor import format_report
+
+    return format_report(lines)
 
 
 def supported_architectures() -> list[str]:
@@ -137,19 +206,31 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str 
     return _export(source, out_dir, options=opts, progress=progress)
 
 
-def quantize(package: str | os.PathLike, scheme: str, **options):
-    """Add an int8 or int4 variant to a package (see onnxllm.quantize.quantize for options)."""
-    from .quantize.quantize import quantize as _quantize
+def quantize(package: str | os.PathLike, scheme: str, options: QuantizeOptions | None = None, *,
+             block_size: int | None = None, symmetric: bool | None = None, exclude: Iterable[str] | None = None,
+             accuracy_level: int | None = None, evaluate: bool | None = None, force: bool | None = None,
+             from_gguf: bool | Literal["auto"] | None = None, lm_head_bits: int | None = None,
+             embed_bits: int | None = None, eval_tokens: int | None = None,
+             progress: Progress | None = None) -> QuantizeResult:
+    """Add an int8, int4 or int8-dynamic variant to a package and measure what it costs in quality.
 
+    `options` (QuantizeOptions, its defaults when None) with the keywords given (not None) changed;
+    the fields are described there."""
+    from .quantize.quantize import QuantizeOptions, quantize as _quantize
+
+    given = {"block_size": block_size, "symmetric": symmetric, "accuracy_level": accuracy_level,
+             "evaluate": evaluate, "force": force, "from_gguf": from_gguf, "lm_head_bits": lm_head_bits,
+             "embed_bits": embed_bits, "eval_tokens": eval_tokens,
+             "exclude": None if exclude is None else tuple(exclude)}
+    opts = dataclasses.replace(options or QuantizeOptions(), **{k: v for k, v in given.items() if v is not None})
     if not Path(package).is_dir():
-        return _quantize(package, scheme, **options)  # raises its clear error; never create the folder
+        return _quantize(package, scheme, opts, progress=progress)  # raises its clear error; never makes the folder
     with exclusive(Path(package) / ".onnxllm.lock"):  # the manifest is read at the start, written at the end
         if read_manifest(package).kind == "embedding":
             from .quantize.embedding import quantize_embedding
 
-            return quantize_embedding(package, scheme, force=options.get("force", False),
-                                      evaluate=options.get("evaluate", True), progress=options.get("progress"))
-        return _quantize(package, scheme, **options)
+            return quantize_embedding(package, scheme, force=opts.force, evaluate=opts.evaluate, progress=progress)
+        return _quantize(package, scheme, opts, progress=progress)
 
 
 def embed(model: "Model | EmbeddingModel | str | os.PathLike", texts: str | Sequence[str], *, batch_size: int = 32,

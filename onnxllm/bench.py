@@ -13,7 +13,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +20,8 @@ import numpy as np
 
 from .errors import GenerationError
 from .runtime.generate import GenerationConfig, Timings, generate_tokens
+from .runtime.model import LoadOptions, Model
+from .version import __version__
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,8 @@ class BenchOptions:
     threads: int | None = None
     device: str = "auto"
     seed: int = 0
-    draft_tokens: int = 8  # 0: one token per decode step
-    prefill_chunk: int = 256  # tokens per prefill pass (0: the whole prompt in one)
+    draft_tokens: int = GenerationConfig.draft_tokens  # 0: one token per decode step
+    prefill_chunk: int = LoadOptions.prefill_chunk  # tokens per prefill pass (0: the whole prompt in one)
     text: str | None = None  # prompts from this text (repeated as needed) instead of random ids
 
 
@@ -53,8 +54,6 @@ def peak_rss_mib() -> float:
 
 def machine_info() -> dict:
     import onnxruntime as ort
-
-    from . import __version__
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -87,13 +86,10 @@ def _prompt(m, length: int, options: BenchOptions, rng: np.random.Generator) -> 
     return (ids * (length // len(ids) + 1))[:length]
 
 
-def run_bench(model: str, options: BenchOptions = BenchOptions(), *, progress: Callable[[str], None] | None = None) -> dict:
-    from .api import load
-
-    start = time.perf_counter()
-    m = load(model, device=options.device, variant=options.variant, threads=options.threads,
-             prefill_chunk=options.prefill_chunk, progress=progress)
-    load_s = time.perf_counter() - start
+def run_bench(m: Model, options: BenchOptions = BenchOptions(), *, load_s: float = float("nan"),
+              progress: Callable[[str], None] | None = None) -> dict:
+    """Measure `m` (loaded with `options`' device, variant, threads and prefill chunk; `load_s` is how long
+    that took) on every prompt length of `options`."""
     if m.manifest.kind == "embedding":
         raise GenerationError(f"{m.root.name} is an embedding model: bench measures text generation; "
                               "measure embeddings with benchmarks/embed.py")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,13 @@ CATALOG: dict[str, CatalogEntry] = {
 }
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where catalog models are exported to on first use: $ONNXLLM_CACHE or ~/.cache/onnxllm."""
+    env = os.environ if environ is None else environ
+    custom = env.get("ONNXLLM_CACHE")
+    return Path(custom).expanduser() if custom else Path.home() / ".cache" / "onnxllm"
 
 
 def is_catalog_name(name: str) -> bool:

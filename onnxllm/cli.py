@@ -1,4 +1,5 @@
-"""The `onnxllm` command: each command parses, calls one API function and prints."""
+"""The `onnxllm` command: each command parses, calls one API function (onnxllm.api, the only
+onnxllm module it imports besides errors, version and the server, a front end of its own) and prints."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import time
 
 import click
 
-from . import __version__
-from .api import supported_architectures
+from . import api
+from .api import BenchOptions, GenerationConfig
 from .errors import OnnxLLMError
+from .version import __version__
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="onnxllm", obj={"interrupted": interrupted})
 
 
-@cli.command(epilog=f"Supported architectures (config.json model_type): {', '.join(supported_architectures())}. "
+@cli.command(epilog=f"Supported architectures (config.json model_type): {', '.join(api.supported_architectures())}. "
                     "How to add one: docs/ARCHITECTURES.md.")
 @click.argument("source")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Package folder to write.")
@@ -93,10 +95,8 @@ def main(argv: list[str] | None = None) -> None:
 @handle_errors
 def export(source, out_dir, dtype, verify, force, trust_remote_code, allow_pickle):
     """Export SOURCE (HF folder, .gguf, catalog name or hub id) to an ONNX model package."""
-    from .api import export as api_export
-
     start = time.perf_counter()
-    path = api_export(source, out_dir, dtype=dtype, verify=verify, force=force,
+    path = api.export(source, out_dir, dtype=dtype, verify=verify, force=force,
                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=_progress)
     click.echo(f"exported {source} -> {path} in {time.perf_counter() - start:.1f}s")
 
@@ -116,11 +116,9 @@ def export(source, out_dir, dtype, verify, force, trust_remote_code, allow_pickl
 @click.option("--no-eval", is_flag=True, help="Skip the short quality check.")
 @handle_errors
 def quantize(package, scheme, block_size, asymmetric, exclude, accuracy_level, lm_head_bits, no_gguf, force, no_eval):
-    """Add an int8 or int4 variant to PACKAGE and measure what it costs in quality."""
-    from .api import quantize as api_quantize
-
+    """Add an int8, int4 or int8-dynamic variant to PACKAGE and measure what it costs in quality."""
     head = int(lm_head_bits) if lm_head_bits is not None else None
-    result = api_quantize(package, scheme, block_size=int(block_size), symmetric=not asymmetric,
+    result = api.quantize(package, scheme, block_size=int(block_size), symmetric=not asymmetric,
                           exclude=tuple(exclude), accuracy_level=accuracy_level, lm_head_bits=head,
                           embed_bits=head, from_gguf=False if no_gguf else "auto", force=force,
                           evaluate=not no_eval, progress=_progress)
@@ -153,7 +151,8 @@ def _print_stats(timings) -> None:
     t = timings.as_dict()
     click.echo(
         click.style(
-            f"\n[prompt {t['prompt_tokens']} tok ({t['cached_tokens']} cached), prefill {t['prefill_tokens_per_s']} tok/s, "
+            f"\n[prompt {t['prompt_tokens']} tok ({t['cached_tokens']} cached), "
+            f"prefill {t['prefill_tokens_per_s']} tok/s, "
             f"first token {1000 * t['time_to_first_token_s']:.0f} ms, {t['generated_tokens']} tok at "
             f"{t['decode_tokens_per_s']} tok/s; {t['accepted_tokens']}/{t['drafted_tokens']} drafted tokens accepted]",
             dim=True),
@@ -181,7 +180,7 @@ def _stream_to_stdout(chunks, *, verbose: bool):
 
 def _interactive(model, options: dict, system: str | None, verbose: bool) -> None:
     chat = model.chat(system=system)
-    click.echo(click.style(f"chatting with {model.root.name} ({model.variant}, {model.providers.device}); "
+    click.echo(click.style(f"chatting with {model.root.name} ({model.variant}, {model.placement.device}); "
                            "/reset clears, /exit or Ctrl-D quits, Ctrl-C stops a reply", dim=True), err=True)
     while True:
         try:
@@ -237,7 +236,8 @@ def generation_options(fn):
         click.option("--context-overflow", type=click.Choice(["error", "truncate"]),
                      help="When a chat outgrows the context: fail (default) or drop the oldest turns."),
         click.option("--draft-tokens", type=int,
-                     help="Speculative decoding by prompt lookup: most tokens guessed per step (default 8; 0 = off)."),
+                     help="Speculative decoding by prompt lookup: most tokens guessed per step "
+                          f"(default {GenerationConfig.draft_tokens}; 0 = off)."),
         click.option("--json-schema", help="Answer in JSON that validates against this schema (a file or JSON text)."),
         click.option("--json-object", is_flag=True, default=None, help="Answer with any JSON object."),
         click.option("--regex", help="Answer with text that matches this regular expression."),
@@ -254,7 +254,8 @@ def generation_options(fn):
 @click.argument("prompt", required=False)
 @generation_options
 @click.option("--system", help="System prompt (chat mode).")
-@click.option("--chat/--raw", "chat_mode", default=None, help="Apply the chat template (default: when the model has one).")
+@click.option("--chat/--raw", "chat_mode", default=None,
+              help="Apply the chat template (default: when the model has one).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "dml"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all cores).")
 @click.option("--context", type=click.IntRange(1), help="Context length to allow (default: the model's).")
@@ -266,17 +267,15 @@ def generation_options(fn):
 @handle_errors
 def run(model, prompt, system, chat_mode, device, threads, context, variant, as_json, top_logprobs, verbose, **gen):
     """Generate from MODEL (package, model.onnx or catalog name). No PROMPT on a terminal: chat."""
-    from .api import load
-
     options = _generation_options(gen)
     if top_logprobs is not None:
         if not as_json:
             raise OnnxLLMError("--logprobs goes with --json (the log-probabilities are printed in the JSON result)")
         options.update(logprobs=True, top_logprobs=top_logprobs)
-    m = load(model, device=device, variant=variant, threads=threads, context=context, progress=_progress)
+    m = api.load(model, device=device, variant=variant, threads=threads, context=context, progress=_progress)
     m.config(**options)  # validate before reading stdin or starting a chat
-    if m.providers.fallback_reason and (verbose or device != "auto"):
-        click.echo(click.style(m.providers.fallback_reason, fg="yellow"), err=True)
+    if m.placement.fallback_reason and (verbose or device != "auto"):
+        click.echo(click.style(m.placement.fallback_reason, fg="yellow"), err=True)
     text = _read_prompt(prompt)
     use_chat = (m.template is not None) if chat_mode is None else chat_mode
     if text is None:
@@ -288,7 +287,7 @@ def run(model, prompt, system, chat_mode, device, threads, context, variant, as_
         result = m.generate(text, chat=use_chat, system=system, **options)
         out = {"text": result.text, "tokens": result.token_ids, "finish_reason": result.finish_reason,
                "timings": result.timings.as_dict() if result.timings else None,
-               "model": str(m.root), "variant": m.variant, "device": m.providers.device}
+               "model": str(m.root), "variant": m.variant, "device": m.placement.device}
         if top_logprobs is not None:
             out["logprobs"] = [{"token": lp.token, "text": lp.text, "logprob": lp.logprob,
                                 "top": [{"token": t, "text": x, "logprob": v} for t, x, v in lp.top]}
@@ -308,10 +307,8 @@ def run(model, prompt, system, chat_mode, device, threads, context, variant, as_
 @handle_errors
 def chat(model, system, device, variant, verbose, **gen):
     """Interactive multi-turn chat with MODEL."""
-    from .api import load
-
     options = _generation_options(gen)
-    m = load(model, device=device, variant=variant, progress=_progress)
+    m = api.load(model, device=device, variant=variant, progress=_progress)
     m.config(**options)
     _interactive(m, options, system, verbose)
 
@@ -322,13 +319,8 @@ def chat(model, system, device, variant, verbose, **gen):
 @handle_errors
 def info(model, as_json):
     """Architecture, context, variants (sizes, how made, quality), EOS ids, providers."""
-    from .api import resolve_model
-    from .package import find_package_root, read_manifest
-    from .runtime.info import format_info, package_info
-
-    root = find_package_root(resolve_model(model, progress=_progress))
-    data = package_info(root, read_manifest(root))
-    click.echo(json.dumps(data, indent=2, default=str) if as_json else format_info(data))
+    data = api.info(model, progress=_progress)
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else api.format_info(data))
 
 
 @cli.command(name="eval")
@@ -339,17 +331,9 @@ def info(model, as_json):
 @handle_errors
 def eval_cmd(package, variant, text_file, tokens):
     """Perplexity, and KL / top-1 / greedy agreement against fp32."""
-    from .quantize.quality import evaluate, format_report
-
     text = _read_text_file(text_file) if text_file else None
-    from .package import read_manifest
-    from .quantize.quality import base_variant
-
-    manifest = read_manifest(package)
-    base = base_variant(manifest)
-    names = [variant] if variant else [v for v in manifest.variants if v != base] or [base or next(iter(manifest.variants))]
-    for name in names:
-        click.echo(format_report(evaluate(package, name, text=text, max_tokens=tokens)))
+    for report in api.evaluate(package, variant, text=text, tokens=tokens):
+        click.echo(api.format_quality(report))
 
 
 @cli.command()
@@ -360,9 +344,9 @@ def eval_cmd(package, variant, text_file, tokens):
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--threads", type=click.IntRange(1))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "dml"]), default="auto", show_default=True)
-@click.option("--draft-tokens", type=click.IntRange(0, 64), default=8, show_default=True,
+@click.option("--draft-tokens", type=click.IntRange(0, 64), default=BenchOptions.draft_tokens, show_default=True,
               help="Prompt-lookup draft tokens per step, as generation uses them (0 = one token per step).")
-@click.option("--prefill-chunk", type=click.IntRange(0), default=256, show_default=True,
+@click.option("--prefill-chunk", type=click.IntRange(0), default=BenchOptions.prefill_chunk, show_default=True,
               help="Prompt tokens per prefill pass (0 = the whole prompt in one).")
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
               help="Take the prompts from this UTF-8 text (default: random token ids).")
@@ -371,20 +355,19 @@ def eval_cmd(package, variant, text_file, tokens):
 def bench(model, variant, prompt_tokens, gen_tokens, runs, threads, device, draft_tokens, prefill_chunk, text_file,
           as_json):
     """Prefill and decode tokens/s, time to first token, load time, peak memory."""
-    from .bench import BenchOptions, format_bench, run_bench
-
     try:
         lengths = tuple(int(x) for x in prompt_tokens.split(",") if x.strip())
     except ValueError:
-        raise OnnxLLMError(f"--prompt-tokens takes comma-separated integers like 64,512, got {prompt_tokens!r}") from None
+        raise OnnxLLMError(
+            f"--prompt-tokens takes comma-separated integers like 64,512, got {prompt_tokens!r}") from None
     if not lengths or min(lengths) < 1:
         raise OnnxLLMError(f"--prompt-tokens must list lengths >= 1, got {prompt_tokens!r}")
     text = _read_text_file(text_file) if text_file else None
-    result = run_bench(model, BenchOptions(variant=variant, prompt_tokens=lengths, gen_tokens=gen_tokens, runs=runs,
+    result = api.bench(model, BenchOptions(variant=variant, prompt_tokens=lengths, gen_tokens=gen_tokens, runs=runs,
                                            threads=threads, device=device, draft_tokens=draft_tokens,
                                            prefill_chunk=prefill_chunk, text=text),
                        progress=_progress)
-    click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
+    click.echo(json.dumps(result, indent=2) if as_json else api.format_bench(result))
 
 
 def _read_lines(path: str) -> list[str]:
@@ -397,10 +380,8 @@ def _read_lines(path: str) -> list[str]:
 
 
 def _load_embedding(model: str, variant: str | None, device: str, threads: int | None):
-    from .api import load
-
     # A text-generation package loads too; its embed() is the one-line "no embedding mode" error.
-    return load(model, device=device, variant=variant, threads=threads, progress=_progress)
+    return api.load(model, device=device, variant=variant, threads=threads, progress=_progress)
 
 
 def embedding_options(fn):
@@ -458,11 +439,9 @@ def embed(model, texts, text_file, normalize, truncate, variant, device, threads
 @handle_errors
 def search(model, query, corpus_file, top_k, variant, device, threads, batch_size, as_json):
     """Rank the lines of --corpus by cosine similarity to QUERY; print the top hits."""
-    from .api import search as api_search
-
     corpus = _read_lines(corpus_file)
     m = _load_embedding(model, variant, device, threads)
-    hits = api_search(m, query, corpus, top_k=top_k, batch_size=batch_size)
+    hits = api.search(m, query, corpus, top_k=top_k, batch_size=batch_size)
     if as_json:
         click.echo(json.dumps([{"rank": r, "index": h.index, "score": h.score, "text": h.text}
                                for r, h in enumerate(hits, 1)], ensure_ascii=False))
@@ -511,14 +490,12 @@ def _human_bytes(n: int) -> str:
 @handle_errors
 def list_cmd(as_json):
     """Models in the cache folder: name, size, variants, family, source."""
-    from .api import cache_dir, list_models
-
-    models = list_models()
+    models = api.list_models()
     if as_json:
         click.echo(json.dumps([m.as_dict() for m in models], indent=2))
         return
     if not models:
-        click.echo(f"no models in {cache_dir()}; `onnxllm run smollm2-135m-instruct` makes one", err=True)
+        click.echo(f"no models in {api.cache_dir()}; `onnxllm run smollm2-135m-instruct` makes one", err=True)
         return
     rows = [("NAME", "SIZE", "VARIANTS", "FAMILY", "SOURCE")]
     rows += [(m.name, _human_bytes(m.bytes), ",".join(m.variants), m.family, m.source) for m in models]
@@ -532,10 +509,8 @@ def list_cmd(as_json):
 @handle_errors
 def rm_cmd(names):
     """Delete models from the cache folder by the names `onnxllm list` shows."""
-    from .api import remove_model
-
     for name in names:
-        removed = remove_model(name)
+        removed = api.remove_model(name)
         click.echo(f"removed {removed.name} ({_human_bytes(removed.bytes)})")
 
 
@@ -543,9 +518,7 @@ def rm_cmd(names):
 @handle_errors
 def doctor():
     """What is installed, which execution providers work here, what to fix."""
-    from .doctor import format_report, run_doctor
-
-    click.echo(format_report(run_doctor()))
+    click.echo(api.format_doctor(api.doctor()))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ import platform
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from onnxllm.runtime import providers as prov
+from .catalog import cache_dir
+from .runtime import providers as prov
 
 STATUSES = ("info", "ok", "warn", "fail")
 
@@ -35,13 +35,6 @@ class DoctorLine:
     value: str
     status: str = "info"
     hint: str | None = None
-
-
-def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """Where onnxllm keeps downloaded and exported models: $ONNXLLM_CACHE or ~/.cache/onnxllm."""
-    env = os.environ if environ is None else environ
-    custom = env.get("ONNXLLM_CACHE")
-    return Path(custom).expanduser() if custom else Path.home() / ".cache" / "onnxllm"
 
 
 def _version(distribution: str) -> str | None:

@@ -13,11 +13,12 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import InvalidPackageError
+from .methods import Method, method_dict, parse_method
 
 MANIFEST = "onnxllm.json"
 FORMAT_VERSION = 1
@@ -65,10 +66,10 @@ class KVCacheSpec:
 @dataclass(frozen=True)
 class Variant:
     file: str  # relative to the package root
-    scheme: str  # fp32 | fp16 | int8 | int4
+    scheme: str  # fp32 | fp16 | int8 | int4 | int8-dynamic
     dtype: str  # activation/KV dtype of the graph
     bytes: int
-    method: dict = field(default_factory=dict)  # how it was made: quantizer, block size, source blocks...
+    method: Method = field(default_factory=dict)  # how it was made (methods.py): exporter, or quantizer, bits...
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,10 @@ class Manifest:
     embedding: EmbeddingSpec | None = None  # set when kind == "embedding"
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+        data = asdict(self)
+        for name, variant in self.variants.items():  # the typed records, as the JSON they have always been
+            data["variants"][name]["method"] = method_dict(variant.method)
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     def with_variant(self, name: str, variant: Variant, *, default_for: tuple[str, ...] = ()) -> "Manifest":
         variants = {**self.variants, name: variant}
@@ -187,6 +191,7 @@ def parse_manifest(data: Any) -> Manifest:
     variants = {}
     for name, raw in variants_raw.items():
         v = _build(Variant, raw, f"variants.{name}")
+        v = replace(v, method=parse_method(v.method))
         if not isinstance(v.file, str) or not isinstance(v.scheme, str) or not isinstance(v.bytes, int):
             raise InvalidPackageError(f"manifest variants.{name}: 'file', 'scheme' and 'bytes' have the wrong type")
         variants[str(name)] = v

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from onnxllm.catalog import cache_dir
 from onnxllm.doctor import (
     DoctorLine,
-    cache_dir,
     check_cuda_libraries,
     check_packages,
     format_report,

@@ -149,10 +149,10 @@ def test_family_greedy_tokens_equal_transformers_generate(exported, family):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("scheme", ["int4", "int8-dynamic"])
 def test_family_quantized_variants_run(exported, family, scheme, tmp_path):
-    from test_quantize import IDS, TOLERANCE, logits, rel_rms
+    from _helpers import IDS, TOLERANCE, logits, rel_rms
 
+    from onnxllm.api import quantize
     from onnxllm.package import read_manifest
-    from onnxllm.quantize import quantize
 
     _, base = exported(family)
     pkg = tmp_path / "pkg"

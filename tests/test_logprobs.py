@@ -15,7 +15,7 @@ import onnxllm
 from onnxllm.cli import cli
 from onnxllm.errors import GenerationError
 from onnxllm.runtime.generate import GenerationConfig, generate_tokens
-from onnxllm.runtime.sampling import apply_top_k, make_logits_processors
+from onnxllm.runtime.sampling import apply_top_k, make_logits_processor
 
 
 def log_softmax(x) -> np.ndarray:
@@ -54,7 +54,7 @@ def test_logprobs_follow_penalties_temperature_and_masks():
     config = GenerationConfig(max_tokens=6, temperature=0.8, top_k=4, seed=3, presence_penalty=0.5,
                               frequency_penalty=0.2, logprobs=True, top_logprobs=8)
     prompt = [1, 2]
-    process = make_logits_processors(presence_penalty=0.5, frequency_penalty=0.2)
+    process = make_logits_processor(presence_penalty=0.5, frequency_penalty=0.2)
     for before, token, lp in _steps(generate_tokens(session, prompt, config), prompt):
         processed = process(session._logits(before[-1]), before, len(prompt))
         kept = apply_top_k(processed / np.float32(0.8), 4)

@@ -1,4 +1,4 @@
-"""quantize(): int8/int4 variants of tiny random packages, all-or-nothing writes, lossless GGUF import."""
+"""quantize(): int8/int4/int8-dynamic variants of tiny random packages, all-or-nothing writes, lossless GGUF import."""
 
 from __future__ import annotations
 
@@ -17,24 +17,18 @@ import pytest
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
+from _helpers import IDS, TOLERANCE, logits, rel_rms
 from _tiny import make_tiny_checkpoint, make_tiny_package
 
 from onnxllm.errors import QuantizeError
+from onnxllm.methods import EmbeddingMethod
 from onnxllm.package import onnx_bytes, read_manifest, write_manifest
-from onnxllm.quantize import SCHEMES, quantize
+from onnxllm.api import quantize
+from onnxllm.quantize import SCHEMES
 from onnxllm.quantize.gguf_blocks import GGUFBlocks, decode_blocks
-from onnxllm.quantize.quality import DecoderRunner
 
 # The module, not the function of the same name that onnxllm.quantize re-exports.
 Q = importlib.import_module("onnxllm.quantize.quantize")
-
-# Relative RMS difference of the logits, quantized vs fp32, on random tiny models (hidden 64, weights
-# N(0, 0.08)). Weight rounding alone is ~0.5% (int8) / ~8% (int4 sym, step = absmax/8) per MatMul; a
-# random network amplifies it ~3-4x by the logits: measured 1.6-2.4% (int8) and 14-24% (int4) over
-# llama/mistral/qwen2/gpt2, symmetric and not. A wrong layout or row order gives uncorrelated logits
-# (~140%), so these bounds catch real bugs without flaking on rounding.
-TOLERANCE = {"int8": 0.05, "int4": 0.35}
-
 
 def snapshot(root: Path) -> dict[str, str]:
     """Every file (hidden ones included) under root -> sha256."""
@@ -42,16 +36,6 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def rel_rms(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.sqrt(((a - b) ** 2).mean() / (a ** 2).mean()))
-
-
-def logits(pkg: Path, variant: str, ids: list[int]) -> np.ndarray:
-    m = read_manifest(pkg)
-    return DecoderRunner(pkg / m.variants[variant].file, m).logits(ids)
-
-
-IDS = [int(i) for i in np.random.default_rng(0).integers(0, 300, 40)]
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "gpt2"])  # tied, untied, learned positions
@@ -69,12 +53,13 @@ def test_scheme_runs_records_and_stays_close(package, model_type, scheme):
     assert variant.file == SCHEMES[scheme].file and onnx_bytes(pkg / variant.file) == variant.bytes
     graph, data = (pkg / variant.file).stat(), (pkg / (variant.file + ".data")).stat()
     assert data.st_size > graph.st_size and data.st_mode == graph.st_mode  # weights outside, as readable
-    assert variant.method["bits"] == SCHEMES[scheme].bits and variant.method["operator"] == "com.microsoft.MatMulNBits"
-    assert variant.method["lossless"] is False and variant.method["block_size"] == 32
+    assert variant.method.bits == SCHEMES[scheme].bits and variant.method.operator == "com.microsoft.MatMulNBits"
+    assert variant.method.lossless is False and variant.method.block_size == 32
     assert result.bytes < fp32.bytes * 0.5
     assert manifest.default_variant["cpu"] == "fp32"  # not evaluated: never made the default
     assert rel_rms(logits(pkg, "fp32", IDS), logits(pkg, scheme, IDS)) < TOLERANCE[scheme]
-    assert not [p for p in pkg.rglob("*") if p.name.startswith(".")]  # no temp files left
+    leftovers = [p for p in pkg.rglob("*") if p.name.startswith(".") and p.name != ".onnxllm.lock"]
+    assert not leftovers  # no temp files left (the API's lock file stays, as every quantize leaves it)
 
     import onnx
 
@@ -85,7 +70,7 @@ def test_scheme_runs_records_and_stays_close(package, model_type, scheme):
 def test_asymmetric_and_4bit_head_and_embedding(package):
     pkg = package("llama")
     result = quantize(pkg, "int4", symmetric=False, lm_head_bits=4, embed_bits=4, evaluate=False)
-    assert result.method["embedding"] == {"bits": 4, "operator": "GatherBlockQuantized", "shared_with_lm_head": True}
+    assert result.method.embedding == EmbeddingMethod(4, "GatherBlockQuantized", shared_with_lm_head=True)
     assert rel_rms(logits(pkg, "fp32", IDS), logits(pkg, "int4", IDS)) < TOLERANCE["int4"]
 
 
@@ -95,7 +80,7 @@ def test_evaluate_sets_default_or_warns(package, monkeypatch):
     pkg = package("llama")
     result = quantize(pkg, "int8", eval_tokens=64)
     assert result.quality is not None and result.quality.tokens == 64
-    assert result.method["quality"]["top1_agreement"] == result.quality.top1_agreement
+    assert result.method.quality["top1_agreement"] == result.quality.top1_agreement
     quality = json.loads((pkg / "quality.json").read_text())
     assert quality["int8"]["reference"] == "fp32"
     assert (read_manifest(pkg).default_variant["cpu"] == "int8") == bool(result.meets_targets)
@@ -132,7 +117,7 @@ def test_twice_unknown_and_bad_options(package):
     first = (pkg / "onnx/model_q4.onnx").read_bytes()
     quantize(pkg, "int4", evaluate=False, force=True, block_size=16)
     assert (pkg / "onnx/model_q4.onnx").read_bytes() != first
-    assert read_manifest(pkg).variants["int4"].method["block_size"] == 16
+    assert read_manifest(pkg).variants["int4"].method.block_size == 16
     with pytest.raises(QuantizeError, match="valid schemes: int8, int4"):
         quantize(pkg, "int3")
     with pytest.raises(QuantizeError, match="block_size"):
@@ -150,16 +135,16 @@ def test_exclude_keeps_matching_nodes_fp32(package):
     kept = sorted(n.name for n in graph.node if n.op_type in ("MatMul", "Gemm"))
     layer0 = [f"/model/layers.0/{p}/MatMul" for p in ("attn/qkv_proj", "attn/o_proj", "mlp/up_proj", "mlp/down_proj")]
     assert kept == sorted(["/lm_head/Gemm", *layer0])
-    assert sorted(result.method["excluded"]) == kept
-    assert result.method["embedding"]["shared_with_lm_head"] is False
+    assert sorted(result.method.excluded) == kept
+    assert result.method.embedding.shared_with_lm_head is False
     assert rel_rms(logits(pkg, "fp32", IDS), logits(pkg, "int4", IDS)) < TOLERANCE["int4"]
 
 
 def test_hidden_size_not_a_multiple_of_the_block(tmp_path):
     pkg = make_tiny_package(tmp_path, "llama", hidden_size=48, num_attention_heads=3, num_key_value_heads=1)
     result = quantize(pkg, "int4", evaluate=False)  # K=48: MatMulNBits pads the last block
-    assert result.method["embedding"]["operator"] == "Gather (fp32)"  # gathered rows must be whole blocks
-    assert result.method["lm_head"]["operator"] == "MatMulNBits"
+    assert result.method.embedding.operator == "Gather (fp32)"  # gathered rows must be whole blocks
+    assert result.method.lm_head.operator == "MatMulNBits"
     assert rel_rms(logits(pkg, "fp32", IDS), logits(pkg, "int4", IDS)) < TOLERANCE["int4"]
 
 
@@ -275,21 +260,21 @@ def test_lossless_import_end_to_end(tmp_path):
     pkg, _ = _gguf_package(tmp_path)
     # int4: Q4_0/Q4_1 layers + Q8_0 embedding/lm_head imported; ffn_down is Q8_0, so it is re-quantized.
     result = quantize(pkg, "int4", evaluate=False, accuracy_level=0)
-    g = result.method["gguf"]
+    g = result.method.gguf
     assert g["used"] and g["types"] == {"Q4_1": 4, "Q4_0+Q4_1": 2, "Q8_0": 2} and g["requantized"] == 2
     assert "is 8-bit, this weight is planned at 4" in next(iter(g["requantized_because"]))
-    assert result.method["lossless"] is False
+    assert result.method.lossless is False
     # Without the Q8_0 ffn_down, int4 is the GGUF exactly: q/k un-permuted, q|k|v and gate|up fused,
     # Q4_1 offsets, the tied Q8_0 table shared by the Gather and the lm_head.
     result = quantize(pkg, "int4", evaluate=False, accuracy_level=0, force=True, exclude=["*/down_proj/*"])
-    assert result.method["lossless"] is True and result.method["embedding"]["shared_with_lm_head"] is True
+    assert result.method.lossless is True and result.method.embedding.shared_with_lm_head is True
     np.testing.assert_allclose(logits(pkg, "int4", IDS), logits(pkg, "fp32", IDS), atol=1e-4)
 
     # int8: the Q8_0 ffn_down and embedding come in exactly; exclude the 4-bit ones, and the
     # variant is the fp32 model's own weights: with fp32 arithmetic (accuracy_level 0) logits match.
     result = quantize(pkg, "int8", evaluate=False, accuracy_level=0, from_gguf=True,
                       exclude=["*/qkv_proj/*", "*/o_proj/*", "*/up_proj/*"])
-    assert result.method["lossless"] is True
+    assert result.method.lossless is True
     np.testing.assert_allclose(logits(pkg, "int8", IDS), logits(pkg, "fp32", IDS), atol=1e-4)
     with pytest.raises(QuantizeError, match="cannot import every weight"):
         quantize(pkg, "int8", evaluate=False, force=True, from_gguf=True)
@@ -352,7 +337,7 @@ def test_from_fp16_package(tiny_fp16, tmp_path, scheme):
     assert hashlib.sha256((pkg / fp16.file).read_bytes()).hexdigest() == before  # only read
     manifest = read_manifest(pkg)
     variant = manifest.variants[scheme]
-    assert variant.dtype == "float16" and variant.method["base"] == "fp16" and variant.method["dtype"] == "float16"
+    assert variant.dtype == "float16" and variant.method.base == "fp16" and variant.method.dtype == "float16"
     assert result.base == "fp16" and result.size_ratio == pytest.approx(variant.bytes / fp16.bytes, abs=1e-4)
     assert "of fp16" in str(result)
     assert manifest.default_variant == {"cpu": "fp16", "cuda": "fp16", "dml": "fp16"}  # not evaluated
@@ -378,10 +363,10 @@ def test_from_fp16_asymmetric_and_4bit_head(tiny_fp16, tmp_path):
     pkg = tmp_path / "pkg"
     shutil.copytree(tiny_fp16, pkg)
     result = quantize(pkg, "int4", symmetric=False, lm_head_bits=4, embed_bits=4, accuracy_level=0, evaluate=False)
-    assert result.method["embedding"]["shared_with_lm_head"] is True
+    assert result.method.embedding.shared_with_lm_head is True
     assert rel_rms(logits(pkg, "fp16", IDS), logits(pkg, "int4", IDS)) < TOLERANCE["int4"]
     result = quantize(pkg, "int4", exclude=["/lm_head/Gemm"], evaluate=False, force=True)
-    assert result.method["lm_head"]["operator"] == "Gemm (fp16)"
+    assert result.method.lm_head.operator == "Gemm (fp16)"
     assert rel_rms(logits(pkg, "fp16", IDS), logits(pkg, "int4", IDS)) < TOLERANCE["int4"]
 
 
@@ -396,7 +381,7 @@ def test_from_fp16_evaluates_against_fp16_and_defaults_for_cuda(tiny_fp16, tmp_p
     assert result.quality.reference == "fp16" and result.quality.top1_agreement > 0.9
     assert json.loads((pkg / "quality.json").read_text())["int8"]["reference"] == "fp16"
     assert result.default_for == ("cuda", "dml")
-    assert result.method["targets"]["max_size_ratio"] == 0.6  # 30% of an fp32 model is 60% of an fp16 one
+    assert result.method.targets.max_size_ratio == 0.6  # 30% of an fp32 model is 60% of an fp16 one
     # A float16 graph is slow on CPU: the cpu default stays the fp16 model.
     assert read_manifest(pkg).default_variant == {"cpu": "fp16", "cuda": "int8", "dml": "int8"}
     assert evaluate(pkg, "int8", max_tokens=16, greedy_tokens=0, save=False).reference == "fp16"
@@ -420,8 +405,8 @@ def test_lossless_import_into_fp16(tmp_path):
     """GGUF blocks whose float16 rounding is the fp16 export's weight are imported as they are, in float16."""
     pkg, _ = _gguf_package(tmp_path, "float16")
     result = quantize(pkg, "int4", evaluate=False, accuracy_level=0, exclude=["*/down_proj/*"])
-    assert result.method["lossless"] is True
-    assert result.method["gguf"]["types"] == {"Q4_1": 4, "Q4_0+Q4_1": 2, "Q8_0": 2}
+    assert result.method.lossless is True
+    assert result.method.gguf["types"] == {"Q4_1": 4, "Q4_0+Q4_1": 2, "Q8_0": 2}
     import onnx
     from onnx import TensorProto
 
@@ -445,7 +430,7 @@ def test_smollm2_targets(smollm2_package, tmp_path):
     assert int8.size_ratio <= 0.30 and int8.quality.perplexity_change <= 0.01
     assert int8.quality.top1_agreement >= 0.97 and int8.meets_targets
     int4 = quantize(pkg, "int4", eval_tokens=256)
-    assert int4.method["lossless"] is True and int4.method["gguf"]["types"] == {"Q4_1": 120, "Q8_0": 2}
+    assert int4.method.lossless is True and int4.method.gguf["types"] == {"Q4_1": 120, "Q8_0": 2}
     assert int4.size_ratio <= 0.20 and int4.quality.perplexity_change <= 0.05
     assert int4.quality.top1_agreement >= 0.90 and int4.meets_targets
     assert read_manifest(pkg).default_variant["cpu"] == "int4"
@@ -453,7 +438,7 @@ def test_smollm2_targets(smollm2_package, tmp_path):
     # the fp32 model (measured: top-1 100%, KL 0).
     exact = quantize(pkg, "int4", eval_tokens=256, accuracy_level=1, force=True)
     assert exact.quality.top1_agreement >= 0.995 and exact.quality.kl_divergence < 1e-4
-    assert exact.method["lossless_check"]["met"] is True
+    assert exact.method.lossless_check.met is True
 
 
 @pytest.mark.real
@@ -469,9 +454,46 @@ def test_smollm2_fp16_int4(tmp_path):
     # verify=False: this test is about quantize; the fp16 export's own check is the exporter's tests'.
     pkg = export("smollm2-135m-instruct", tmp_path / "pkg", options=ExportOptions(dtype="float16", verify=False))
     int4 = quantize(pkg, "int4", eval_tokens=256)
-    assert int4.method["lossless"] is True and int4.method["gguf"]["types"] == {"Q4_1": 120, "Q8_0": 2}
+    assert int4.method.lossless is True and int4.method.gguf["types"] == {"Q4_1": 120, "Q8_0": 2}
     assert int4.quality.reference == "fp16" and int4.size_ratio <= 0.40  # 20% of fp32 is 40% of fp16
     assert int4.quality.perplexity_change <= 0.05 and int4.quality.top1_agreement >= 0.90 and int4.meets_targets
     manifest = read_manifest(pkg)
     assert manifest.variants["int4"].dtype == "float16"
     assert manifest.default_variant == {"cpu": "fp16", "cuda": "int4", "dml": "int4"}
+
+
+def test_method_records_read_old_manifests_and_write_them_back_unchanged(package):
+    """The manifest's method dicts become typed records and are written back as the same JSON."""
+    from onnxllm.methods import ExportMethod, QuantizeMethod, method_dict, parse_method
+
+    old = json.loads((Path(__file__).parent / "fixtures" / "manifest_methods.json").read_text())
+    dyn, fp32, older, foreign = (parse_method(old[k]) for k in ("int8-dynamic", "fp32", "older", "foreign"))
+    assert isinstance(dyn, QuantizeMethod) and dyn.embedding.shared_with_lm_head and dyn.targets.min_top1 == 0.97
+    assert dyn.dynamic["converted"] == 90 and dyn.lossless_check is None and dyn.kept_8bit[-1] == "/lm_head/Gemm"
+    assert isinstance(fp32, ExportMethod) and fp32.timings_s
+    assert isinstance(older, QuantizeMethod) and older.bits == 4 and older.dtype == "float32" and older.targets is None
+    assert foreign == old["foreign"]  # neither kind: kept as it was
+    for name in ("int8-dynamic", "fp32", "foreign"):
+        assert json.dumps(method_dict(parse_method(old[name]))) == json.dumps(old[name]), name  # keys and order
+    assert method_dict(older)["calibration"] == old["older"]["calibration"]  # unknown keys survive
+    pkg = package()
+    data = json.loads((pkg / "onnxllm.json").read_text())
+    data["variants"]["fp32"]["method"] = old["fp32"]
+    for name in ("int8-dynamic", "older", "foreign"):
+        data["variants"][name] = {**data["variants"]["fp32"], "method": old[name]}
+    (pkg / "onnxllm.json").write_text(json.dumps(data))
+    write_manifest(pkg, read_manifest(pkg))
+    again = json.loads((pkg / "onnxllm.json").read_text())
+    for name in ("int8-dynamic", "fp32", "foreign"):
+        assert again["variants"][name]["method"] == old[name]
+    assert isinstance(read_manifest(pkg).variants["older"].method, QuantizeMethod)
+
+
+def test_quantize_options_are_checked_before_anything_is_read(tmp_path):
+    from onnxllm.quantize import QuantizeOptions
+
+    with pytest.raises(QuantizeError, match="block_size"):
+        QuantizeOptions(block_size=24).validate()
+    with pytest.raises(QuantizeError, match="lm_head_bits"):
+        quantize(tmp_path / "missing", "int8", lm_head_bits=3)  # the options fail first, not the folder
+    assert dataclasses.is_dataclass(QuantizeOptions) and QuantizeOptions.__dataclass_params__.frozen

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from test_quantize import IDS, TOLERANCE, logits, rel_rms
+from _helpers import IDS, TOLERANCE, logits, rel_rms
 
 from onnxllm.package import read_manifest
-from onnxllm.quantize import quantize
+from onnxllm.api import quantize
 from onnxllm.quantize.dynamic import smooth_and_convert
 from onnxllm.quantize.quality import DecoderRunner
 
@@ -24,8 +24,8 @@ def test_int8_dynamic_smooths_exactly_and_stays_close(package, model_type):
     ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
     assert ops.count("DynamicQuantizeMatMul") == 3 * arch.num_layers  # qkv, o_proj, gate|up per layer
     assert ops.count("MatMulNBits") == arch.num_layers + 1  # down_proj per layer, lm_head
-    assert result.method["dynamic"]["converted"] == 3 * arch.num_layers
-    assert result.method["operator"] == "com.microsoft.DynamicQuantizeMatMul + MatMulNBits"
+    assert result.method.dynamic["converted"] == 3 * arch.num_layers
+    assert result.method.operator == "com.microsoft.DynamicQuantizeMatMul + MatMulNBits"
     # Smoothing only moves scale between factors; with int8 rounding the logits stay as close as int8's.
     assert rel_rms(logits(pkg, "fp32", IDS), logits(pkg, "int8-dynamic", IDS)) < TOLERANCE["int8"] * 2
 

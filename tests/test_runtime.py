@@ -16,45 +16,7 @@ from onnxllm.runtime.generate import GenerationConfig, generate_tokens, stream_t
 from onnxllm.runtime.model import LoadOptions, load_package
 from onnxllm.runtime.session import SessionConfig, open_session
 
-from _helpers import with_template
-
-
-class FakeSession:
-    """Scripted logits: token t is followed by the token in `script[t]`; records what was fed."""
-
-    context = 64  # reserve() refuses more
-    can_verify = False  # no all_logits forward: no drafts
-
-    def __init__(self, vocab=16, script=None):
-        self.vocab = vocab
-        self.script = script or {}
-        self.tokens: list[int] = []
-        self.fed: list[list[int]] = []
-
-    def _logits(self, last):
-        out = np.linspace(0.0, 1.0, self.vocab, dtype=np.float32)  # a smooth spread for sampling
-        out[self.script.get(last, (last + 1) % self.vocab)] = 5.0
-        return out
-
-    def forward(self, ids):
-        self.fed.append(list(ids))
-        self.tokens.extend(ids)
-        return self._logits(self.tokens[-1])
-
-    def common_prefix(self, ids):
-        n = 0
-        for a, b in zip(self.tokens, ids):
-            if a != b:
-                break
-            n += 1
-        return n
-
-    def rewind(self, n):
-        self.tokens = self.tokens[:n]
-
-    def reserve(self, total):
-        if total > 64:
-            raise ContextOverflowError("too long")
+from _helpers import FakeSession, with_template
 
 
 def _tokens(events):
@@ -266,15 +228,29 @@ def test_abandoned_stream_does_not_block_or_corrupt(tiny_llama):
 
 
 def test_cancel_from_another_thread(tiny_llama):
+    """A worker thread streams; the main thread sets `cancel` while that stream is still open: it ends at once."""
     m = onnxllm.load(tiny_llama)
-    cancel = threading.Event()
-    seen = []
-    for chunk in m.stream("the", max_tokens=200, cancel=cancel):
-        seen.append(chunk)
-        if len(seen) == 3:
-            t = threading.Thread(target=cancel.set)
-            t.start()
-            t.join()
+    cancel, third, resume = threading.Event(), threading.Event(), threading.Event()
+    seen, errors = [], []
+
+    def worker():
+        try:
+            for chunk in m.stream("the", max_tokens=200, cancel=cancel):
+                seen.append(chunk)
+                if len(seen) == 3:
+                    third.set()
+                    assert resume.wait(30)  # the stream stays open until the main thread has cancelled
+        except BaseException as exc:  # noqa: BLE001 - reported below, on the main thread
+            errors.append(exc)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    assert third.wait(30)
+    assert t.is_alive() and not seen[-1].finish_reason  # mid-stream, on the other thread
+    cancel.set()
+    resume.set()
+    t.join(30)
+    assert not t.is_alive() and not errors
     assert seen[-1].finish_reason == "cancelled"
     assert len([c for c in seen if c.token is not None]) == 3  # stopped within one token
     assert m.generate("the", max_tokens=3).finish_reason in ("length", "eos")
@@ -298,10 +274,19 @@ def test_two_threads_one_model_serialized(tiny_llama):
 
 
 def test_two_models_side_by_side(tiny_llama, tiny_gpt2):
+    """Two models in one process, their streams interleaved token by token, answer as each does alone."""
+    alone = [onnxllm.load(p).generate("the", max_tokens=12).token_ids for p in (tiny_llama, tiny_gpt2)]
+    assert alone[0] != alone[1]  # different models: mixing them up would show
     a, b = onnxllm.load(tiny_llama), onnxllm.load(tiny_gpt2)
-    ra, rb = a.generate("the", max_tokens=8), b.generate("the", max_tokens=8)
-    assert a.generate("the", max_tokens=8).token_ids == ra.token_ids
-    assert b.generate("the", max_tokens=8).token_ids == rb.token_ids
+    streams, got = [a.stream("the", max_tokens=12), b.stream("the", max_tokens=12)], [[], []]
+    for pair in zip(*streams):  # one chunk of a, one of b, ...
+        for i, chunk in enumerate(pair):
+            if chunk.token is not None:
+                got[i].append(chunk.token)
+    for i, rest in enumerate(streams):
+        got[i] += [c.token for c in rest if c.token is not None]
+    assert got == alone
+    assert [a.generate("the", max_tokens=12).token_ids, b.generate("the", max_tokens=12).token_ids] == alone
 
 
 def test_chat_second_turn_prefills_only_new_tokens(tiny_llama, tmp_path):
@@ -335,11 +320,16 @@ def test_chat_context_overflow_error_or_truncate(tiny_llama, tmp_path):
 
 
 def test_gpt2_five_line_example(tiny_gpt2):
+    """The README's five lines: 50 greedy tokens of a GPT-2 package, each the argmax after the ones before."""
     model = onnxllm.load(tiny_gpt2)
     result = model.generate("The quick brown fox", max_tokens=50)
     print(result.text)
-    assert result.finish_reason in ("length", "eos") and result.token_ids
+    assert result.finish_reason == "length" and len(result.token_ids) == 50  # the tiny model has no EOS habit
     assert result.text == model.tokenizer.decode(result.token_ids)
+    prompt = model.encode("The quick brown fox")
+    model.session.rewind(0)
+    logits = model.session.forward(prompt + result.token_ids[:-1], all_logits=True)  # one pass, no cache reuse
+    assert logits[len(prompt) - 1:].argmax(-1).tolist() == result.token_ids
 
 
 def test_runtime_imports_no_torch(tiny_llama):
@@ -379,3 +369,16 @@ def test_float32_variant_never_sent_to_cuda(tiny_llama, monkeypatch):
     assert m.session.session.get_providers() == ["CPUExecutionProvider"]
     with pytest.raises(DeviceError, match="float16"):
         model_mod.load_package(tiny_llama, LoadOptions(device="cuda"))
+
+
+def test_a_generation_config_and_overrides(tiny_llama):
+    """A GenerationConfig replaces the package's defaults; keyword overrides change single fields of it."""
+    m = onnxllm.load(tiny_llama)
+    config = GenerationConfig(max_tokens=6, temperature=1.0, seed=4)
+    by_config = m.generate("the", config)
+    assert len(by_config.token_ids) == 6 or by_config.finish_reason == "eos"
+    assert by_config.token_ids == m.generate("the", max_tokens=6, temperature=1.0, seed=4).token_ids
+    assert m.generate("the", config, max_tokens=3).token_ids == by_config.token_ids[:3]
+    assert onnxllm.generate(m, "the", config).token_ids == by_config.token_ids
+    with pytest.raises(GenerationError, match="unknown generation option"):
+        m.generate("the", config, nonsense=1)

@@ -16,7 +16,7 @@ from onnxllm.runtime.sampling import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
-    make_logits_processors,
+    make_logits_processor,
     make_sampler,
     softmax,
     validate_sampling,
@@ -62,19 +62,19 @@ def test_presence_frequency_penalty_openai_semantics():
 
 
 def test_logits_processors_combine_and_respect_prompt_len():
-    process = make_logits_processors(repetition_penalty=2.0, presence_penalty=1.0, frequency_penalty=0.5)
+    process = make_logits_processor(repetition_penalty=2.0, presence_penalty=1.0, frequency_penalty=0.5)
     logits = np.array([4.0, 4.0, 4.0, 4.0], dtype=np.float32)
     # ids 0 (prompt) and 2, 2 (generated): all seen tokens get /2, only 2 gets presence+frequency.
     out = process(logits, [0, 2, 2], prompt_len=1)
     np.testing.assert_allclose(out, [2.0, 4.0, 2.0 - 1.0 - 1.0, 4.0])
     np.testing.assert_array_equal(logits, 4.0)
-    noop = make_logits_processors()
+    noop = make_logits_processor()
     np.testing.assert_array_equal(noop(logits, [0, 1]), logits)
     assert noop(logits, []) is not logits
 
 
 def test_out_of_range_token_ids_raise():
-    process = make_logits_processors(repetition_penalty=1.2)
+    process = make_logits_processor(repetition_penalty=1.2)
     with pytest.raises(GenerationError, match="out of range"):
         process(np.zeros(4, np.float32), [1, 4])
     with pytest.raises(GenerationError, match="out of range"):
@@ -262,7 +262,7 @@ def test_validate_sampling_rejects_out_of_range(kwargs, match):
         validate_sampling(**kwargs)
     if "repetition_penalty" in kwargs:
         with pytest.raises(GenerationError, match=match):
-            make_logits_processors(**kwargs)
+            make_logits_processor(**kwargs)
     else:
         with pytest.raises(GenerationError, match=match):
             make_sampler(**kwargs)
@@ -272,7 +272,7 @@ def test_validate_sampling_accepts_edges():
     validate_sampling(0.0, 0, 1.0, 0.0, 1.0)
     validate_sampling(2.0, 50, 1e-6, 1.0, 0.5)
     with pytest.raises(GenerationError, match="presence_penalty"):
-        make_logits_processors(presence_penalty=float("nan"))
+        make_logits_processor(presence_penalty=float("nan"))
     with pytest.raises(GenerationError, match="temperature"):
         apply_temperature(np.zeros(3, np.float32), 0.0)
 

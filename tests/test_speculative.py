@@ -6,8 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from _helpers import cli
-from test_runtime import FakeSession
+from _helpers import FakeSession, cli
 
 import onnxllm
 from onnxllm.errors import GenerationError

@@ -27,10 +27,10 @@ from typing import Callable
 
 import numpy as np
 
-from .. import __version__
 from ..errors import ExportError, ModelNotFoundError, OnnxLLMError, UnsupportedModelError
 from ..package import (FORMAT_VERSION, Architecture, EmbeddingSpec, IOSpec, KVCacheSpec, Manifest, Variant,
                        onnx_bytes, save_onnx, sha256_file, staging_dir, write_manifest)
+from ..version import __version__
 from .embedding_source import FAMILIES, EmbeddingFamily, EmbeddingSource, SentenceConfig, read_sentence_config, unpack
 
 Progress = Callable[[str], None]

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import __version__
 from ..decoder_io import DecoderIO
 from ..errors import ExportError, InvalidPackageError, OnnxLLMError
+from ..methods import ExportMethod
 from ..package import (FORMAT_VERSION, Architecture, KVCacheSpec, Manifest, Variant, check_can_create, onnx_bytes,
                        sha256_file, staging_dir, write_manifest, write_text_atomic)
 from ..package import save_onnx as _save_onnx
+from ..version import __version__
 from .architectures import REGISTRY, DecoderWeights, describe_graph, extract_weights
 from .graph import IO_NAMES, build_decoder
 from .sources import Source, resolve_source
@@ -71,7 +72,8 @@ def _load_gguf(src: Source) -> _Loaded:
 
     info = read_gguf_tokenizer(src.path)
     model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name, dtype="float32")
-    # transformers' GGUF conversion gets special tokens wrong for some models (see FACTS.md): ours win.
+    # transformers' GGUF conversion gets special tokens wrong for some models (SmolLM2's <|im_start|> as BOS
+    # and EOS in 4.57, for one; gguf_tokenizer.py reads them from the GGUF itself): ours win.
     model.config.eos_token_id = info.eos_token_id
     model.config.bos_token_id = info.bos_token_id
     if info.pad_token_id is not None:
@@ -244,8 +246,7 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
                 )
         scheme = "fp32" if options.dtype == "float32" else "fp16"
         variant = Variant(file=onnx_file, scheme=scheme, dtype=options.dtype, bytes=onnx_bytes(tmp / onnx_file),
-                          method={"exporter": "onnxllm graph builder", "timings_s": timings,
-                                  "graph": graph_notes})
+                          method=ExportMethod(exporter="onnxllm graph builder", timings_s=timings, graph=graph_notes))
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             exporter_version=__version__,

@@ -1,4 +1,4 @@
-"""quantize(): add an int8 or int4 variant to a package, next to its base model, all or nothing.
+"""quantize(): add an int8, int4 or int8-dynamic variant to a package, next to its base model, all or nothing.
 
     MatMul(x, W)                -> MatMulNBits(x, q, scales)            ONNX Runtime's quantizer, or GGUF blocks
                                    [+ (x @ block_sum) @ offset^T]       GGUF Q4_1 only, see schemes.py
@@ -15,7 +15,7 @@ place, and the manifest is written last; any failure (or Ctrl-C) restores the pa
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import fnmatch
 import os
 import shutil
@@ -25,13 +25,14 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from ..errors import QuantizeError
+from ..methods import EmbeddingMethod, LmHeadMethod, LosslessCheck, QualityTargets, QuantizeMethod
 from ..package import MANIFEST, Variant, check_can_create, onnx_bytes, read_manifest, safe_path, write_manifest
 from ..package import save_onnx as _save
-from .dynamic import CALIBRATION_TEXT, smooth_and_convert
 from .gguf_blocks import GGUFBlocks, find_source_gguf, matches_dense
 from .quality import (
     QUALITY_FILE,
@@ -49,11 +50,13 @@ from .schemes import (
     SCHEMES,
     WARN_TOP1,
     BlockWeight,
+    Prepare,
     Scheme,
     ort_quantizer,
     quantize_rows,
     replacement_nodes,
 )
+from .staging import Commit
 
 Progress = Callable[[str], None]
 # Float types a base variant may have: (ONNX element type, numpy type).
@@ -64,12 +67,46 @@ _DEFAULT_DEVICES = {"float32": ("cpu",), "float16": ("cuda", "dml")}
 
 
 @dataclass(frozen=True)
+class QuantizeOptions:
+    """How quantize() builds a variant; every field is checked by `validate` before anything is read.
+
+    `exclude`: node names or fnmatch patterns (e.g. "/model/layers.0/*") kept unquantized.
+    `from_gguf`: "auto" imports GGUF Q4_0/Q4_1/Q8_0 blocks exactly when the package came from a GGUF
+    that is still here; True requires it; False always re-quantizes the base's weights.
+    `lm_head_bits` / `embed_bits`: 8, 4 or 0 (unquantized); None takes the scheme's (measured) choice.
+    `evaluate`: compare with the base on `eval_tokens` tokens of Hamlet and decide the default from it.
+    """
+
+    block_size: int = 32
+    symmetric: bool = True
+    exclude: tuple[str, ...] = ()
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast on CPU), 1 = fp32 (exact, slow)
+    evaluate: bool = True
+    force: bool = False  # rebuild the variant if it exists
+    from_gguf: bool | Literal["auto"] = "auto"
+    lm_head_bits: int | None = None
+    embed_bits: int | None = None
+    eval_tokens: int = 128
+
+    def validate(self) -> "QuantizeOptions":
+        if isinstance(self.exclude, str):
+            raise QuantizeError(f"exclude takes a list of patterns, not the string {self.exclude!r}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise QuantizeError(f"block_size must be a power of two, at least 16 (got {self.block_size})")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise QuantizeError(f"accuracy_level must be 0..4 (got {self.accuracy_level})")
+        if any(bits not in (None, 0, 4, 8) for bits in (self.lm_head_bits, self.embed_bits)):
+            raise QuantizeError("lm_head_bits and embed_bits must be 8, 4 or 0 (unquantized)")
+        return self
+
+
+@dataclass(frozen=True)
 class QuantizeResult:
     variant: str
     file: Path  # absolute path of the new .onnx
     bytes: int
     size_ratio: float  # of the base model
-    method: dict  # what the manifest records
+    method: QuantizeMethod  # what the manifest records
     quality: QualityReport | None
     meets_targets: bool | None  # None when not evaluated
     default_for: tuple[str, ...]  # devices it became the default for
@@ -79,10 +116,10 @@ class QuantizeResult:
 
     def __str__(self) -> str:
         m = self.method
-        full = 16 if m.get("dtype") == "float16" else 32
-        how = f"{m['bits']}-bit, block {m['block_size']}, lm_head/embedding {m['lm_head']['bits'] or full}-bit"
-        gguf = m.get("gguf") or {}
-        if m.get("lossless"):
+        full = 16 if m.dtype == "float16" else 32
+        how = f"{m.bits}-bit, block {m.block_size}, lm_head/embedding {m.lm_head.bits or full}-bit"
+        gguf = m.gguf or {}
+        if m.lossless:
             how += f", imported losslessly from {gguf.get('file')}"
         elif gguf.get("used"):
             how += f", {gguf.get('imported')} weights imported from {gguf.get('file')}, the rest re-quantized"
@@ -255,44 +292,10 @@ def _build(model, targets: list[_Target], *, block_size: int, symmetric: bool, a
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(__import__("onnx").helper.make_opsetid(MS_DOMAIN, 1))
+        from onnx import helper
+
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model
-
-
-class _Commit:
-    """Moves staged files into place remembering what they replaced, so `rollback` can undo it all."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.moved: list[tuple[Path, Path | None]] = []  # (final, backup of what was there)
-        self.quality = (root / QUALITY_FILE).read_bytes() if (root / QUALITY_FILE).exists() else None
-
-    def move(self, src: Path, final: Path) -> None:
-        # Recorded before acting, so an interrupt between the two renames is still undone.
-        backup = final.with_name(f".{final.name}.{os.getpid()}.old") if final.exists() else None
-        self.moved.append((final, backup))
-        if backup is not None:
-            os.replace(final, backup)
-        os.replace(src, final)
-
-    def rollback(self) -> None:
-        for final, backup in reversed(self.moved):
-            with contextlib.suppress(OSError):
-                if backup is None:
-                    final.unlink(missing_ok=True)
-                elif backup.exists():  # else the first rename never happened: final is the original
-                    os.replace(backup, final)
-        with contextlib.suppress(OSError):
-            if self.quality is None:
-                (self.root / QUALITY_FILE).unlink(missing_ok=True)
-            elif (self.root / QUALITY_FILE).read_bytes() != self.quality:
-                (self.root / QUALITY_FILE).write_bytes(self.quality)
-
-    def finish(self) -> None:
-        for _, backup in self.moved:
-            if backup is not None:
-                with contextlib.suppress(OSError):
-                    backup.unlink()
 
 
 def _base(root: Path, manifest) -> tuple[str, str]:
@@ -319,22 +322,15 @@ def _meets(scheme: Scheme, report: QualityReport, ratio: float, max_size_ratio: 
         and report.top1_agreement >= scheme.min_top1
 
 
-def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 32, symmetric: bool = True,
-             exclude: Iterable[str] = (), accuracy_level: int = 4, evaluate: bool = True,
-             progress: Progress | None = None, force: bool = False, from_gguf: bool | str = "auto",
-             lm_head_bits: int | None = None, embed_bits: int | None = None,
-             eval_tokens: int = 128) -> QuantizeResult:
-    """Add the `scheme` variant ("int8" or "int4") to a package and record how it was made.
+def quantize(package_dir: str | os.PathLike, scheme: str, options: QuantizeOptions = QuantizeOptions(), *,
+             progress: Progress | None = None) -> QuantizeResult:
+    """Add the `scheme` variant (a name in SCHEMES) to a package and record how it was made.
 
     The base is the fp32 variant, else the fp16 one: the new variant has the base's dtype (float16
-    activations, KV cache and scales for an fp16 base) and is measured against it.
-    `exclude`: node names or fnmatch patterns (e.g. "/model/layers.0/*") kept unquantized.
-    `from_gguf`: "auto" imports GGUF Q4_0/Q4_1/Q8_0 blocks exactly when the package came from a GGUF
-    that is still here; True requires it; False always re-quantizes the base's weights.
-    `lm_head_bits` / `embed_bits`: 8, 4 or 0 (unquantized); None takes the scheme's (measured) choice.
-    With `evaluate`, compares the variant with the base on `eval_tokens` tokens of Hamlet, makes it
-    the default when it meets the scheme's targets (for cpu from fp32; for cuda and dml from fp16, a
-    float16 graph being slow on CPU), and warns when it is far from the base.
+    activations, KV cache and scales for an fp16 base) and is measured against it. With
+    `options.evaluate`, it becomes the default when it meets the scheme's targets (for cpu from fp32;
+    for cuda and dml from fp16, a float16 graph being slow on CPU), and a warning says when it is far
+    from the base.
     """
     import onnx
 
@@ -342,33 +338,30 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
     say = progress or (lambda _msg: None)
     if scheme not in SCHEMES:
         raise QuantizeError(f"unknown scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
-    spec = SCHEMES[scheme]
-    if block_size < 16 or block_size & (block_size - 1):
-        raise QuantizeError(f"block_size must be a power of two, at least 16 (got {block_size})")
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise QuantizeError(f"accuracy_level must be 0..4 (got {accuracy_level})")
-    head_bits = spec.lm_head_bits if lm_head_bits is None else lm_head_bits
-    emb_bits = spec.embed_bits if embed_bits is None else embed_bits
-    if head_bits not in (0, 4, 8) or emb_bits not in (0, 4, 8):
-        raise QuantizeError("lm_head_bits and embed_bits must be 8, 4 or 0 (unquantized)")
+    spec, opts = SCHEMES[scheme], options.validate()
+    head_bits = spec.lm_head_bits if opts.lm_head_bits is None else opts.lm_head_bits
+    emb_bits = spec.embed_bits if opts.embed_bits is None else opts.embed_bits
     root = Path(package_dir)
     manifest = read_manifest(root)
     base, dtype = _base(root, manifest)
+    if spec.cpu_only and dtype != "float32":
+        raise QuantizeError(f"{scheme} is a CPU scheme and needs the fp32 variant (this package's base is "
+                            f"{base}); export with --dtype float32")
     elem_type, np_dtype = _FLOAT_TYPES[dtype]
     final = safe_path(root, spec.file)
-    if not force and (scheme in manifest.variants or final.exists()):
+    if not opts.force and (scheme in manifest.variants or final.exists()):
         raise QuantizeError(f"{root} already has the {scheme} variant ({spec.file}); pass --force (force=True) "
                             "to rebuild it")
     base_path = safe_path(root, manifest.variants[base].file)
     for path in (final, root / MANIFEST):  # before loading and converting the base, not at save
         check_can_create(path, fix="copy the package to a folder you can write to")
-    exclude = tuple(exclude)
+    exclude = tuple(opts.exclude)
     notes: list[str] = []
 
     blocks, gguf_record = None, None
-    if from_gguf:
+    if opts.from_gguf:
         gguf_path, why = find_source_gguf(root, manifest.source)
-        if gguf_path is None and from_gguf is True:
+        if gguf_path is None and opts.from_gguf is True:
             raise QuantizeError(f"cannot import GGUF blocks: {why}")
         if gguf_path is not None:
             blocks = GGUFBlocks(gguf_path)
@@ -378,29 +371,24 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
     say(f"loading {base_path.name}")
     model = onnx.load(str(base_path))
     dynamic = None
-    if scheme == "int8-dynamic":
-        if dtype != "float32":
-            raise QuantizeError("int8-dynamic is a CPU scheme and needs the fp32 variant (this package's base is "
-                                f"{base}); export with --dtype float32")
-        say("calibrating activation ranges and folding the smoothing scales")
-        calibration = tokenize(root, manifest, CALIBRATION_TEXT, min(512, manifest.architecture.context_length))
-        dynamic = smooth_and_convert(model, manifest, calibration, exclude=lambda name: _matches(exclude, name))
-    targets, excluded = _find_targets(model, spec, exclude, head_bits, emb_bits, block_size, elem_type)
+    if spec.prepare is not None:
+        dynamic = spec.prepare(model, Prepare(root, manifest, lambda name: _matches(exclude, name), say))
+    targets, excluded = _find_targets(model, spec, exclude, head_bits, emb_bits, opts.block_size, elem_type)
     if not targets:
         raise QuantizeError("nothing to quantize: every weight is excluded or not a MatMul/Gemm/Gather weight")
     if blocks is not None:
         say(f"importing GGUF blocks from {blocks.path.name}")
-        gguf_record = {"used": True, **_import_gguf(targets, blocks, block_size, np_dtype, base)}
-        if from_gguf is True and gguf_record["requantized"]:
+        gguf_record = {"used": True, **_import_gguf(targets, blocks, opts.block_size, np_dtype, base)}
+        if opts.from_gguf is True and gguf_record["requantized"]:
             reason, where = next(iter(gguf_record["requantized_because"].items()))
             raise QuantizeError(f"cannot import every weight from the GGUF exactly: {where['first']}: {reason}")
     lossless = blocks is not None and all(t.block is not None for t in targets)
 
     say(f"quantizing {len(targets)} weights to {scheme}")
-    model = _build(model, targets, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
-                   dtype=np_dtype)
+    model = _build(model, targets, block_size=opts.block_size, symmetric=opts.symmetric,
+                   accuracy_level=opts.accuracy_level, dtype=np_dtype)
     final.parent.mkdir(parents=True, exist_ok=True)
-    commit = _Commit(root)
+    commit = Commit(root, keep=QUALITY_FILE)
     # The temp folder lives beside the final file (same filesystem: the renames are atomic).
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
@@ -410,12 +398,12 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
         nbytes = onnx_bytes(staged)
         ratio = nbytes / manifest.variants[base].bytes
         report, meets = None, None
-        if not evaluate:  # at least prove ONNX Runtime accepts it before it joins the package
+        if not opts.evaluate:  # at least prove ONNX Runtime accepts it before it joins the package
             say("checking that ONNX Runtime loads it")
             DecoderRunner(staged, manifest)
         else:
-            say(f"evaluating against {base} on {eval_tokens} tokens of Hamlet")
-            ids = tokenize(root, manifest, hamlet_text(), eval_tokens)
+            say(f"evaluating against {base} on {opts.eval_tokens} tokens of Hamlet")
+            ids = tokenize(root, manifest, hamlet_text(), opts.eval_tokens)
             report = compare(DecoderRunner(staged, manifest), DecoderRunner(base_path, manifest), ids,
                              variant_name=scheme, reference_name=base, text_label="hamlet")
             meets = _meets(spec, report, ratio, _size_target(spec, dtype))
@@ -427,38 +415,16 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
                 notes.append(f"the {scheme} variant misses its targets (top-1 {report.top1_agreement:.1%}, "
                              f"perplexity {report.perplexity_change:+.1%}, size {ratio:.1%}); "
                              "it was not made the default")
-        kept8 = [t.node.name for t in targets if t.bits == 8 and scheme != "int8"]
-        kinds = {t.kind for t in targets}
-        plain = "fp32" if dtype == "float32" else "fp16"
-        method = {
-            "quantizer": "onnxruntime.quantization MatMulNBitsQuantizer (DefaultWeightOnlyQuantConfig)",
-            "operator": (f"{MS_DOMAIN}.DynamicQuantizeMatMul + MatMulNBits" if dynamic else f"{MS_DOMAIN}.MatMulNBits"),
-            "bits": spec.bits, "block_size": block_size,
-            "symmetric": symmetric, "accuracy_level": accuracy_level,
-            "base": base, "dtype": dtype, "scales_dtype": dtype,
-            "lm_head": {"bits": head_bits if "lm_head" in kinds else 0,
-                        "operator": "MatMulNBits" if "lm_head" in kinds else f"Gemm ({plain})"},
-            "embedding": {"bits": emb_bits if "embedding" in kinds else 0,
-                          "operator": "GatherBlockQuantized" if "embedding" in kinds else f"Gather ({plain})",
-                          "shared_with_lm_head": _tied(targets) and head_bits == emb_bits},
-            "exclude": list(exclude), "excluded": excluded, "kept_8bit": kept8,
-            "lossless": lossless, "gguf": gguf_record, "dynamic": dynamic,
-            "quality": report.to_dict() if report else None,
-            "targets": {"max_size_ratio": _size_target(spec, dtype), "max_ppl_increase": spec.max_ppl_increase,
-                        "min_top1": spec.min_top1},
-            # Exact weights: what still moves top-1 is accuracy_level 4 (activations rounded to int8).
-            "lossless_check": None if not (lossless and report) else {
-                "min_top1": LOSSLESS_MIN_TOP1, "met": report.top1_agreement >= LOSSLESS_MIN_TOP1},
-            "size_ratio": round(ratio, 4), "meets_targets": meets,
-            "onnxruntime": __import__("onnxruntime").__version__,
-        }
+        method = _method(spec, opts, targets, dtype=dtype, base=base, head_bits=head_bits, emb_bits=emb_bits,
+                         excluded=excluded, lossless=lossless, gguf=gguf_record, dynamic=dynamic, report=report,
+                         ratio=ratio, meets=meets)
         data = staged.with_name(staged.name + ".data")
         if data.exists():
             commit.move(data, final.with_name(data.name))
         commit.move(staged, final)
         if report is not None:
             save_quality(root, report)
-        method["seconds"] = round(time.perf_counter() - started, 1)
+        method = dataclasses.replace(method, seconds=round(time.perf_counter() - started, 1))
         default_for = _DEFAULT_DEVICES[dtype] if meets else ()
         variant = Variant(file=spec.file, scheme=scheme, dtype=dtype, bytes=nbytes, method=method)
         updated = manifest.with_variant(scheme, variant, default_for=default_for)
@@ -481,6 +447,35 @@ def quantize(package_dir: str | os.PathLike, scheme: str, *, block_size: int = 3
         + (f" - default for {', '.join(default_for)}" if default_for else ""))
     return QuantizeResult(scheme, final, nbytes, ratio, method, report, meets, default_for, notes,
                           round(time.perf_counter() - started, 1), base)
+
+
+def _method(spec: Scheme, opts: QuantizeOptions, targets: list[_Target], *, dtype: str, base: str, head_bits: int,
+            emb_bits: int, excluded: list[str], lossless: bool, gguf: dict | None, dynamic: dict | None,
+            report: QualityReport | None, ratio: float, meets: bool | None) -> QuantizeMethod:
+    """The manifest's record of how the variant was made."""
+    import onnxruntime
+
+    kinds = {t.kind for t in targets}
+    plain = "fp32" if dtype == "float32" else "fp16"
+    # 8-bit weights beside layers in another form (int4, or int8-dynamic's DynamicQuantizeMatMul).
+    mixed = spec.bits != 8 or spec.layer_operator != "MatMulNBits"
+    return QuantizeMethod(
+        quantizer="onnxruntime.quantization MatMulNBitsQuantizer (DefaultWeightOnlyQuantConfig)",
+        operator=f"{MS_DOMAIN}.{spec.layer_operator}", bits=spec.bits, block_size=opts.block_size,
+        symmetric=opts.symmetric, accuracy_level=opts.accuracy_level, base=base, dtype=dtype, scales_dtype=dtype,
+        lm_head=LmHeadMethod(head_bits if "lm_head" in kinds else 0,
+                             "MatMulNBits" if "lm_head" in kinds else f"Gemm ({plain})"),
+        embedding=EmbeddingMethod(emb_bits if "embedding" in kinds else 0,
+                                  "GatherBlockQuantized" if "embedding" in kinds else f"Gather ({plain})",
+                                  _tied(targets) and head_bits == emb_bits),
+        exclude=tuple(opts.exclude), excluded=tuple(excluded),
+        kept_8bit=tuple(t.node.name for t in targets if t.bits == 8 and mixed),
+        lossless=lossless, gguf=gguf, dynamic=dynamic, quality=report.to_dict() if report else None,
+        targets=QualityTargets(_size_target(spec, dtype), spec.max_ppl_increase, spec.min_top1),
+        # Exact weights: what still moves top-1 is accuracy_level 4 (activations rounded to int8).
+        lossless_check=None if not (lossless and report) else LosslessCheck(
+            LOSSLESS_MIN_TOP1, report.top1_agreement >= LOSSLESS_MIN_TOP1),
+        size_ratio=round(ratio, 4), meets_targets=meets, onnxruntime=onnxruntime.__version__)
 
 
 def _tied(targets: list[_Target]) -> bool:

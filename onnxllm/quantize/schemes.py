@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -36,8 +37,20 @@ BLOCK = 32  # GGUF's Q4_0/Q4_1/Q8_0 block, and MatMulNBits' usual one
 
 
 @dataclass(frozen=True)
+class Prepare:
+    """What a scheme's `prepare` hook gets besides the base graph: the package, and the user's exclusions."""
+
+    root: Path
+    manifest: object  # package.Manifest
+    excluded: Callable[[str], bool]  # node name -> kept in full precision (--exclude)
+    say: Callable[[str], None]
+
+
+@dataclass(frozen=True)
 class Scheme:
-    """A quantization scheme: bit widths per kind of weight, the file it writes, its quality targets."""
+    """A quantization scheme: bit widths per kind of weight, the file it writes, its quality targets,
+    and its hooks into quantize(): what base it takes and what it does to the graph before the weights
+    are quantized (quantize.py asks these, never the scheme's name)."""
 
     name: str
     bits: int  # transformer-layer MatMuls
@@ -48,6 +61,24 @@ class Scheme:
     max_ppl_increase: float  # relative to fp32 (0.01 = 1%)
     min_top1: float  # share of positions whose argmax equals fp32's
     description: str
+    # The layers' operator: MatMulNBits at `bits`, or another one `prepare` converts them to.
+    layer_operator: str = "MatMulNBits"
+    # CPU-only kernels (DynamicQuantizeMatMul): the base must be the fp32 variant.
+    cpu_only: bool = False
+    # Rewrites the base graph before its remaining weights become MatMulNBits; returns the report
+    # recorded as the method's `dynamic` (None: nothing to do).
+    prepare: Callable[[object, Prepare], dict] | None = None
+
+
+def _smooth_and_convert(model, ctx: Prepare) -> dict:
+    """int8-dynamic: calibrate, fold the smoothing scales, convert qkv/o/gate|up (see dynamic.py)."""
+    from .dynamic import CALIBRATION_TEXT, smooth_and_convert
+    from .quality import tokenize
+
+    ctx.say("calibrating activation ranges and folding the smoothing scales")
+    context = ctx.manifest.architecture.context_length
+    calibration = tokenize(ctx.root, ctx.manifest, CALIBRATION_TEXT, min(512, context))
+    return smooth_and_convert(model, ctx.manifest, calibration, exclude=ctx.excluded)
 
 
 # lm_head/embedding at 8 bits for int4, measured on SmolLM2 (docs/QUANTIZATION.md): at 4 bits the
@@ -62,7 +93,8 @@ SCHEMES: dict[str, Scheme] = {
                "4-bit weights (MatMulNBits bits=4, block 32), embedding and lm_head 8-bit"),
         Scheme("int8-dynamic", 8, "onnx/model_int8_dynamic.onnx", 8, 8, 0.30, 0.01, 0.97,
                "8-bit weights; qkv, o and gate|up as DynamicQuantizeMatMul after smoothing (fast prefill), "
-               "down_proj, embedding and lm_head as int8 (see quantize/dynamic.py)"),
+               "down_proj, embedding and lm_head as int8 (see quantize/dynamic.py)",
+               layer_operator="DynamicQuantizeMatMul + MatMulNBits", cpu_only=True, prepare=_smooth_and_convert),
     )
 }
 # Top-1 agreement below this earns a loud warning whatever the scheme.

@@ -22,7 +22,7 @@ from .detokenizer import StreamingDetokenizer
 from .lookup import PromptLookup
 from .sampling import (
     TokenLogprobs,
-    make_logits_processors,
+    make_logits_processor,
     make_logprobs,
     make_sampler,
     make_verifier,
@@ -210,9 +210,9 @@ class TokenPicker:
         options = {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
                    "min_p": config.min_p, "rng": rng}
         self._sample, self._verify = make_sampler(**options), make_verifier(**options)
-        self._process = make_logits_processors(repetition_penalty=config.repetition_penalty,
-                                               presence_penalty=config.presence_penalty,
-                                               frequency_penalty=config.frequency_penalty)
+        self._process = make_logits_processor(repetition_penalty=config.repetition_penalty,
+                                              presence_penalty=config.presence_penalty,
+                                              frequency_penalty=config.frequency_penalty)
         self._penalties = (config.repetition_penalty != 1.0 or config.presence_penalty != 0.0
                            or config.frequency_penalty != 0.0)
         self.prompt_len = len(prompt_ids)

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from ..methods import method_dict
 from ..package import Manifest, onnx_bytes, safe_path
 
 
@@ -22,7 +23,7 @@ def package_info(root: Path, manifest: Manifest, *, providers=None) -> dict:
     variants = {}
     for name, v in manifest.variants.items():
         variants[name] = {"file": v.file, "scheme": v.scheme, "dtype": v.dtype, "bytes": onnx_bytes(safe_path(root, v.file)),
-                          "method": v.method, "quality": quality.get(name) if isinstance(quality, dict) else None}
+                          "method": method_dict(v.method), "quality": quality.get(name) if isinstance(quality, dict) else None}
     a = manifest.architecture
     return {
         "package": str(root),

@@ -1,4 +1,4 @@
-"""The embeddable API: `load()` a package, then `generate`, `stream` or `chat`.
+"""A loaded package: `load_package()` makes a Model (onnxllm.load wraps it), then `generate`, `stream` or `chat`.
 
 A Model serializes its own use: two threads calling it at once take turns (never mix their KV
 cache). Every call reuses the cached prefix of the previous one, so a chat turn prefills only
@@ -10,16 +10,20 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from ..errors import ContextOverflowError, DeviceError, GenerationError, InvalidPackageError
 from ..package import Manifest, find_package_root, read_manifest, safe_path
 from .chat_template import ChatTemplate, ChatVariables
 from .constraints import Constraint, ConstraintCompiler, tool_call_grammar
 from .generate import Chunk, GenerationConfig, GenerationResult, generate_tokens, stream_text
+from .options import GenerationOptions
 from .providers import ProviderChoice, select_providers, session_options
 from .session import DecoderSession, SessionConfig, open_session
 from .tool_calls import ToolCallFormat, check_tools, filter_tool_calls, format_for_template
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 Messages = list[dict]
 
@@ -33,7 +37,7 @@ class LoadOptions:
     optimization: str = "all"
     kv_mode: str = "shared"
     io_binding: bool = True
-    prefill_chunk: int = 256  # tokens per prefill pass (0: the whole prompt in one)
+    prefill_chunk: int = SessionConfig.prefill_chunk  # tokens per prefill pass (0: the whole prompt in one)
 
 
 def _check_text(text: str) -> str:
@@ -49,7 +53,8 @@ def _check_text(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise GenerationError("the prompt contains invalid Unicode (a lone surrogate); it cannot be encoded as UTF-8") from None
+        raise GenerationError(
+            "the prompt contains invalid Unicode (a lone surrogate); it cannot be encoded as UTF-8") from None
     return text
 
 
@@ -64,7 +69,7 @@ class Model:
         self.session = session
         self.tokenizer = tokenizer
         self.template = template
-        self.providers = choice
+        self.placement = choice  # the device, the ORT providers given to the session, why not a better one
         # How this model writes tool calls, read from its chat template (None: the template takes no tools).
         self.tool_format = format_for_template(template.source if template is not None else None)
         self.defaults = GenerationConfig().updated(**{
@@ -140,8 +145,10 @@ class Model:
         return self.tokenizer.encode(self.render(messages, variables=variables), add_special_tokens=False).ids
 
     # -- generation ----------------------------------------------------------------------------
-    def config(self, **options) -> GenerationConfig:
-        config = self.defaults.updated(**options).validate()
+    def config(self, config: GenerationConfig | None = None, /,
+               **overrides: Unpack[GenerationOptions]) -> GenerationConfig:
+        """`config` (default: the package's defaults) with `overrides` applied, validated."""
+        config = (self.defaults if config is None else config).updated(**overrides).validate()
         spec = config.constraint()
         if spec is not None:
             self._compiler().grammar(spec)  # a bad schema, regex or grammar fails here, before any generation
@@ -180,11 +187,13 @@ class Model:
         if self._malloc_trim is not None:
             self._malloc_trim(0)
 
-    def stream(self, prompt: str | Messages, *, cancel: threading.Event | None = None, chat: bool = False,
-               system: str | None = None, tools: list[dict] | None = None, tool_choice: str | None = None,
-               **options) -> Iterator[Chunk]:
+    def stream(self, prompt: str | Messages, config: GenerationConfig | None = None, *,
+               cancel: threading.Event | None = None, chat: bool = False, system: str | None = None,
+               tools: list[dict] | None = None, tool_choice: str | None = None,
+               **overrides: Unpack[GenerationOptions]) -> Iterator[Chunk]:
         """Yield Chunks as they are generated; the last one carries finish_reason and timings.
 
+        `config` replaces the package's defaults (GenerationConfig); `overrides` change single fields.
         Breaking out of the loop, or setting `cancel` from another thread, stops generation within
         one token; the model stays ready for the next call. `tools` (OpenAI-shaped function
         definitions) go to the chat template; the model's calls come out on `Chunk.tool_calls`, not in
@@ -195,21 +204,24 @@ class Model:
         tools = check_tools(tools) if tool_choice != "none" else None
         fmt = self.tool_call_format(tools)
         if tool_choice not in (None, "auto", "none"):
-            options = {**options, "grammar": _forced_call(fmt, tools, tool_choice)}
-        config = self.config(**options)
+            overrides = {**overrides, "grammar": _forced_call(fmt, tools, tool_choice)}
+        resolved = self.config(config, **overrides)
         ids = self.prompt_ids(prompt, chat=chat, system=system, tools=tools)
-        chunks = self.stream_ids(ids, config, cancel=cancel, clip=options.get("max_tokens") is None)
+        chunks = self.stream_ids(ids, resolved, cancel=cancel, clip=_default_max_tokens(config, overrides))
         return chunks if fmt is None else filter_tool_calls(chunks, fmt, _tool_names(tools))
 
-    def generate(self, prompt: str | Messages, *, cancel: threading.Event | None = None, chat: bool = False,
-                 system: str | None = None, tools: list[dict] | None = None, tool_choice: str | None = None,
-                 **options) -> GenerationResult:
+    def generate(self, prompt: str | Messages, config: GenerationConfig | None = None, *,
+                 cancel: threading.Event | None = None, chat: bool = False, system: str | None = None,
+                 tools: list[dict] | None = None, tool_choice: str | None = None,
+                 **overrides: Unpack[GenerationOptions]) -> GenerationResult:
         """The whole answer: text, token ids, finish reason (stop, length, eos, cancelled), timings, tool calls."""
-        return collect(self.stream(prompt, cancel=cancel, chat=chat, system=system, tools=tools,
-                                   tool_choice=tool_choice, **options))
+        return collect(self.stream(prompt, config, cancel=cancel, chat=chat, system=system, tools=tools,
+                                   tool_choice=tool_choice, **overrides))
 
-    def chat(self, system: str | None = None, *, tools: list[dict] | None = None, **options) -> "Chat":
-        return Chat(self, system=system, tools=tools, **options)
+    def chat(self, system: str | None = None, config: GenerationConfig | None = None, *,
+             tools: list[dict] | None = None, **overrides: Unpack[GenerationOptions]) -> "Chat":
+        """A conversation whose turns use `config` and `overrides` unless a turn gives its own."""
+        return Chat(self, system=system, config=config, tools=tools, **overrides)
 
     def embed(self, texts, *, batch_size: int = 32, normalize: bool | None = None, truncate: bool = True):
         """Refused: a text-generation package has no embedding mode (see runtime/embed.py)."""
@@ -217,10 +229,21 @@ class Model:
 
         raise no_embedding_mode(self.root)
 
+    @property
+    def execution_providers(self) -> list[str]:
+        """The providers ONNX Runtime runs this model with, in priority order (CPU last)."""
+        return self.session.session.get_providers()
+
     def info(self) -> dict:
         from .info import package_info
 
-        return package_info(self.root, self.manifest, providers=self.providers)
+        return package_info(self.root, self.manifest, providers=self.placement)
+
+
+def _default_max_tokens(config: GenerationConfig | None, overrides: GenerationOptions) -> bool:
+    """Whether max_tokens came from the package's defaults rather than the caller (then it is clipped to the
+    room the context leaves instead of failing)."""
+    return config is None and overrides.get("max_tokens") is None
 
 
 def _find_malloc_trim():
@@ -275,14 +298,16 @@ def collect(chunks: Iterator[Chunk]) -> GenerationResult:
 class Chat:
     """A multi-turn conversation; the KV cache carries over, so each turn prefills only new tokens."""
 
-    def __init__(self, model: Model, *, system: str | None = None, tools: list[dict] | None = None, **options):
+    def __init__(self, model: Model, *, system: str | None = None, config: GenerationConfig | None = None,
+                 tools: list[dict] | None = None, **overrides: Unpack[GenerationOptions]):
         if model.template is None:
             raise GenerationError("this model has no chat template; use model.generate() with a plain prompt")
         self.model = model
         self.system = system
         self.tools = check_tools(tools)
         self.tool_format = model.tool_call_format(self.tools)
-        self.options = options
+        self.config = config
+        self.options: GenerationOptions = overrides
         self.messages: Messages = []
         self.reset()
 
@@ -306,26 +331,32 @@ class Chat:
                 )
             del self.messages[first:first + 2]  # the oldest user turn and its reply
 
-    def send(self, text: str, *, cancel: threading.Event | None = None, **options) -> Iterator[Chunk]:
-        """Stream the reply to `text`; the reply joins the history when the stream ends (or is cut)."""
+    def send(self, text: str, config: GenerationConfig | None = None, *, cancel: threading.Event | None = None,
+             **overrides: Unpack[GenerationOptions]) -> Iterator[Chunk]:
+        """Stream the reply to `text`; the reply joins the history when the stream ends (or is cut).
+
+        `config` and `overrides` apply to this turn, over the chat's own."""
         text = _check_text(text)
         if not text.strip():
             raise GenerationError("the message is empty; type something")
-        yield from self._reply({"role": "user", "content": text}, cancel, options)
+        yield from self._reply({"role": "user", "content": text}, cancel, config, overrides)
 
     def add_tool_result(self, call_id: str, content: str, *, name: str | None = None) -> None:
         """Give the model what a tool call returned (a `role: "tool"` message); then `respond()`."""
         message = {"role": "tool", "tool_call_id": call_id, "content": _check_text(content)}
         self.messages.append({**message, "name": name} if name else message)
 
-    def respond(self, *, cancel: threading.Event | None = None, **options) -> Iterator[Chunk]:
+    def respond(self, config: GenerationConfig | None = None, *, cancel: threading.Event | None = None,
+                **overrides: Unpack[GenerationOptions]) -> Iterator[Chunk]:
         """Stream the assistant's next turn without a new user message (after tool results)."""
-        yield from self._reply(None, cancel, options)
+        yield from self._reply(None, cancel, config, overrides)
 
-    def _reply(self, message: dict | None, cancel: threading.Event | None, options: dict) -> Iterator[Chunk]:
-        merged = {**self.options, **options}
-        clip = merged.get("max_tokens") is None
-        config = self.model.config(**merged)
+    def _reply(self, message: dict | None, cancel: threading.Event | None, config: GenerationConfig | None,
+               overrides: GenerationOptions) -> Iterator[Chunk]:
+        base = self.config if config is None else config
+        merged: GenerationOptions = {**self.options, **overrides}
+        clip = _default_max_tokens(base, merged)
+        config = self.model.config(base, **merged)
         if message is not None:
             self.messages.append(message)
         try:
@@ -352,8 +383,10 @@ class Chat:
                 turn["tool_calls"] = [c.as_message() for c in calls]
             self.messages.append(turn)
 
-    def ask(self, text: str, **options) -> GenerationResult:
-        return collect(self.send(text, **options))
+    def ask(self, text: str, config: GenerationConfig | None = None, *, cancel: threading.Event | None = None,
+            **overrides: Unpack[GenerationOptions]) -> GenerationResult:
+        """The whole reply to `text` (see send)."""
+        return collect(self.send(text, config, cancel=cancel, **overrides))
 
 
 def _pick_variant(manifest: Manifest, variant: str | None, device: str) -> str:
@@ -392,7 +425,8 @@ def _fit_device(choice: ProviderChoice, manifest: Manifest, variant: str, asked:
         return choice
     fix = "export a float16 package (onnxllm export SOURCE -o OUT --dtype float16) for the GPU"
     if asked == "cuda":
-        raise DeviceError(f"variant {variant!r} computes in float32, which the CUDA attention kernel does not support; {fix}")
+        raise DeviceError(
+            f"variant {variant!r} computes in float32, which the CUDA attention kernel does not support; {fix}")
     cpu = [(n, o) for n, o in choice.providers if n == "CPUExecutionProvider"]
     return ProviderChoice("cpu", cpu, f"CUDA not used: variant {variant!r} is float32; {fix}")
 

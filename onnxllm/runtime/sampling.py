@@ -17,7 +17,7 @@ from onnxllm.errors import GenerationError
 
 __all__ = [
     "apply_min_p", "apply_presence_frequency_penalty", "apply_repetition_penalty", "apply_temperature",
-    "apply_top_k", "apply_top_p", "make_logits_processors", "make_logprobs", "make_sampler", "make_verifier",
+    "apply_top_k", "apply_top_p", "make_logits_processor", "make_logprobs", "make_sampler", "make_verifier",
     "softmax", "TokenLogprobs", "validate_sampling",
 ]
 
@@ -120,8 +120,8 @@ def apply_presence_frequency_penalty(
         raise GenerationError(f"counts must have the logits' shape {arr.shape}, got {counts.shape}")
     if presence == 0.0 and frequency == 0.0:
         return arr.copy()
-    penalty = counts * frequency + (counts > 0) * presence
-    return (arr - penalty).astype(arr.dtype, copy=False)
+    penalty = (counts * frequency + (counts > 0) * presence).astype(arr.dtype)
+    return arr - penalty
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -351,19 +351,19 @@ def make_verifier(
     return verify
 
 
-def make_logits_processors(
+def make_logits_processor(
     *,
     repetition_penalty: float = 1.0,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
 ) -> LogitsProcessor:
-    """Return ``process(logits, token_ids_so_far, prompt_len=0) -> logits``.
+    """The one callable ``process(logits, token_ids_so_far, prompt_len=0) -> logits`` applying all three penalties.
 
     The repetition penalty counts every id in ``token_ids_so_far`` (prompt and
     generated, as HF does); presence and frequency penalties count only
     ``token_ids_so_far[prompt_len:]`` (the generated part, as OpenAI does) when the
-    caller passes ``prompt_len``. Cost per call is an ``np.unique`` over
-    the history plus O(vocabulary) copies; no Python loop over tokens.
+    caller passes ``prompt_len``. Cost per call is an ``np.unique`` and an ``np.bincount``
+    over the history plus O(vocabulary) copies; no Python loop over tokens.
     """
     validate_sampling(repetition_penalty=repetition_penalty)
     for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
@@ -375,9 +375,8 @@ def make_logits_processors(
         ids = _token_ids(token_ids_so_far, arr.size)
         out = apply_repetition_penalty(arr, ids, repetition_penalty)
         if presence_penalty != 0.0 or frequency_penalty != 0.0:
-            # Same formula as apply_presence_frequency_penalty, on the seen tokens only.
-            seen, counts = np.unique(ids[prompt_len:], return_counts=True)
-            out[seen] -= (counts * frequency_penalty + presence_penalty).astype(out.dtype)
+            counts = np.bincount(ids[prompt_len:], minlength=arr.size)  # of the generated tokens only
+            out = apply_presence_frequency_penalty(out, counts, presence_penalty, frequency_penalty)
         return out
 
     return process

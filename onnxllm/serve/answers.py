@@ -10,8 +10,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from .. import __version__
 from ..runtime.generate import Chunk, Logprob, Timings
+from ..version import __version__
 from .registry import ChunkStream
 from .schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
                       ChoiceLogprobs, Completion, CompletionChoice, CompletionLogprobs, FunctionCall,

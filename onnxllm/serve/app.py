@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import __version__
+from ..version import __version__
 from ..errors import OnnxLLMError
 from .config import ServeOptions
 from .errors import APIError, error_body, error_response
