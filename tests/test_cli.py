@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -40,21 +39,28 @@ def test_run_reads_stdin(tiny_llama):
 
 
 def test_run_model_onnx_path(tiny_llama):
+    """A path to the package's model.onnx runs that package: same model, variant and tokens as its folder."""
     proc = cli("run", tiny_llama / "onnx" / "model.onnx", "the", "--max-tokens", "3", "--json")
+    folder = cli("run", tiny_llama, "the", "--max-tokens", "3", "--json")
     assert proc.returncode == 0, proc.stderr
+    by_file, by_folder = json.loads(proc.stdout), json.loads(folder.stdout)
+    assert by_file["model"] == by_folder["model"] == str(tiny_llama) and by_file["variant"] == "fp32"
+    assert len(by_file["tokens"]) == 3 and by_file["tokens"] == by_folder["tokens"]
 
 
 def test_run_stop_and_seed(tiny_llama):
     a = cli("run", tiny_llama, "the", "--max-tokens", "20", "--temperature", "1", "--seed", "5", "--json")
     b = cli("run", tiny_llama, "the", "--max-tokens", "20", "--temperature", "1", "--seed", "5", "--json")
     assert json.loads(a.stdout)["tokens"] == json.loads(b.stdout)["tokens"]
+    assert json.loads(a.stdout)["tokens"] != json.loads(cli("run", tiny_llama, "the", "--max-tokens", "20",
+                                                          "--temperature", "1", "--seed", "6", "--json").stdout)["tokens"]
     text = json.loads(a.stdout)["text"]
-    if len(text) > 4:
-        stop = text[2:4]
-        c = cli("run", tiny_llama, "the", "--max-tokens", "20", "--temperature", "1", "--seed", "5", "--json",
-                "--stop", stop)
-        out = json.loads(c.stdout)
-        assert out["finish_reason"] == "stop" and out["text"] == text[: text.find(stop)]
+    assert len(text) > 4, text  # 20 sampled tokens of this model decode to more than 4 characters
+    stop = text[2:4]
+    c = cli("run", tiny_llama, "the", "--max-tokens", "20", "--temperature", "1", "--seed", "5", "--json",
+            "--stop", stop)
+    out = json.loads(c.stdout)
+    assert out["finish_reason"] == "stop" and out["text"] == text[: text.find(stop)]
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -196,7 +202,7 @@ def test_ctrl_c_during_generation_keeps_output(smollm2_package):
     child.sendintr()
     child.expect(pexpect.EOF)
     child.close()
-    assert child.exitstatus == 130 or child.signalstatus is None and child.exitstatus == 130
+    assert child.exitstatus == 130 and child.signalstatus is None  # exited by itself, not killed by the signal
     assert "interrupted" in child.before and "Traceback" not in child.before
 
 
@@ -245,10 +251,15 @@ def test_bad_numbers_are_clear_errors(tiny_llama, args, needle):
 
 
 def test_eval_caps_tokens_at_the_context(tiny_llama, tmp_path):
+    """--tokens beyond the context (256 here) scores the context's worth, not an error or 1000."""
     text = tmp_path / "long.txt"
     text.write_text("the theory of everything " * 400)
-    proc = cli("eval", tiny_llama, "--text", text, "--tokens", "1000")
-    assert proc.returncode == 0, proc.stderr
+    capped = cli("eval", tiny_llama, "--text", text, "--tokens", "1000")
+    exact = cli("eval", tiny_llama, "--text", text, "--tokens", "256")
+    assert capped.returncode == 0, capped.stderr
+    assert re.search(r"on (\d+) tokens", capped.stdout).group(1) == re.search(r"on (\d+) tokens", exact.stdout).group(1)
+    assert int(re.search(r"on (\d+) tokens", capped.stdout).group(1)) <= 256
+    assert capped.stdout == exact.stdout
 
 
 def test_quantize_int8_dynamic_then_run_it(tiny_llama, tmp_path):

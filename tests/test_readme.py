@@ -24,7 +24,9 @@ def test_gpt2_five_line_example(tiny_gpt2):
     code = next(c for c in PYTHON if "The quick brown fox" in c)
     assert len([line for line in code.strip().splitlines() if line.strip()]) == 4  # + the blank line: five
     out = _run(code.replace('"gpt2-package"', repr(str(tiny_gpt2))))
-    assert out.strip()
+    import onnxllm
+
+    assert out == onnxllm.load(tiny_gpt2).generate("The quick brown fox", max_tokens=50).text + "\n"
 
 
 @pytest.mark.real
