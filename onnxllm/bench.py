@@ -115,8 +115,8 @@ def run_bench(m: Model, options: BenchOptions = BenchOptions(), *, load_s: float
                      "decode_tokens_per_s": round((options.gen_tokens - 1) / d, 1),
                      "decode_passes": t.decode_passes, "drafted_tokens": t.drafted_tokens,
                      "accepted_tokens": t.accepted_tokens})
-    return {"model": str(m.root), "variant": m.variant, "device": m.providers.device,
-            "providers": m.session.session.get_providers(), "threads": options.threads or "all cores",
+    return {"model": str(m.root), "variant": m.variant, "device": m.placement.device,
+            "providers": m.execution_providers, "threads": options.threads or "all cores",
             "draft_tokens": options.draft_tokens, "prefill_chunk": options.prefill_chunk,
             "prompts": "random token ids" if options.text is None else "text",
             "load_s": round(load_s, 3), "peak_rss_mib": round(peak_rss_mib(), 1), "results": rows,

@@ -74,5 +74,6 @@ def resolve_catalog(name: str) -> tuple[CatalogEntry, Path]:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / entry.resource
     if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing from the installed {entry.python_package}; reinstall it with: {entry.install}")
+        raise ModelNotFoundError(
+            f"{path} is missing from the installed {entry.python_package}; reinstall it with: {entry.install}")
     return entry, path

@@ -129,7 +129,8 @@ def _replace(m: Manifest, **changes) -> Manifest:
 
 def _require(data: dict, key: str, kind, where: str):
     if key not in data:
-        raise InvalidPackageError(f"manifest {where}: field '{key}' is missing; re-export the model with `onnxllm export`")
+        raise InvalidPackageError(
+            f"manifest {where}: field '{key}' is missing; re-export the model with `onnxllm export`")
     value = data[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise InvalidPackageError(f"manifest {where}: field '{key}' has the wrong type ({type(value).__name__})")
@@ -251,7 +252,8 @@ def _parse_kind(data: dict) -> tuple[str, EmbeddingSpec | None]:
 def safe_path(root: str | os.PathLike, relative: str) -> Path:
     """`root/relative`, refusing absolute paths, `..` and symlinks that leave the package folder."""
     if not isinstance(relative, str) or not relative or os.path.isabs(relative) or "\x00" in relative:
-        raise InvalidPackageError(f"unsafe path {relative!r} in the package: paths must be relative to the package folder")
+        raise InvalidPackageError(
+            f"unsafe path {relative!r} in the package: paths must be relative to the package folder")
     base = Path(root).resolve()
     target = (base / relative).resolve()
     if target != base and base not in target.parents:
@@ -264,7 +266,8 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise InvalidPackageError(f"{root} has no {MANIFEST}: export a model with `onnxllm export SOURCE -o {root}`") from None
+        raise InvalidPackageError(
+            f"{root} has no {MANIFEST}: export a model with `onnxllm export SOURCE -o {root}`") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidPackageError(f"cannot read {path}: {exc}") from None
     try:
@@ -357,7 +360,8 @@ def staging_dir(final: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
         # mkdtemp makes it owner-only; the package gets the mode of the folder it is written into.
         os.chmod(tmp, final.parent.stat().st_mode & 0o777)
     except OSError as exc:
-        raise InvalidPackageError(f"cannot write to {final.parent}: {exc.strerror or exc}; choose another output folder") from None
+        raise InvalidPackageError(
+            f"cannot write to {final.parent}: {exc.strerror or exc}; choose another output folder") from None
     try:
         yield tmp
         if final.exists():

@@ -20,7 +20,8 @@ from onnxllm.package import read_manifest
 
 ARCHS = ["gpt2", "llama", "mistral", "qwen2", "phi3", "gemma"]
 PACKAGE_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "onnx/model.onnx", "onnx/model.onnx.data", "genai_config.json", "onnxllm.json"]
+                 "special_tokens_map.json", "onnx/model.onnx", "onnx/model.onnx.data", "genai_config.json",
+                 "onnxllm.json"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -41,4 +41,5 @@ def test_int8_dynamic_smoothing_alone_is_exact(package, tmp_path):
         assert done["converted"] == 3 * m.architecture.num_layers
         smoothed = tmp_path / f"{model_type}-smoothed.onnx"
         onnx.save(model, str(smoothed))
-        np.testing.assert_allclose(DecoderRunner(smoothed, m).logits(IDS), logits(pkg, "fp32", IDS), rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(DecoderRunner(smoothed, m).logits(IDS), logits(pkg, "fp32", IDS),
+                                   rtol=1e-3, atol=1e-4)

@@ -105,7 +105,8 @@ def test_tokenizer_bigger_than_logits(pkg):
     data = _manifest(pkg)
     data["architecture"]["vocab_size"] = 100
     _write(pkg, data)
-    _one_line_error(InvalidPackageError, lambda: onnxllm.load(pkg), "tokenizer has .* tokens but the model has only 100")
+    _one_line_error(InvalidPackageError, lambda: onnxllm.load(pkg),
+                    "tokenizer has .* tokens but the model has only 100")
 
 
 def test_manifest_newer_version(pkg):

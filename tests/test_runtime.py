@@ -365,8 +365,8 @@ def test_float32_variant_never_sent_to_cuda(tiny_llama, monkeypatch):
     cuda = ProviderChoice("cuda", [("CUDAExecutionProvider", {}), ("CPUExecutionProvider", {})])
     monkeypatch.setattr(model_mod, "select_providers", lambda device: cuda)
     m = model_mod.load_package(tiny_llama, LoadOptions(device="auto"))
-    assert m.providers.device == "cpu" and "float16" in m.providers.fallback_reason
-    assert m.session.session.get_providers() == ["CPUExecutionProvider"]
+    assert m.placement.device == "cpu" and "float16" in m.placement.fallback_reason
+    assert m.execution_providers == ["CPUExecutionProvider"]
     with pytest.raises(DeviceError, match="float16"):
         model_mod.load_package(tiny_llama, LoadOptions(device="cuda"))
 

@@ -50,7 +50,8 @@ def test_lookup_drafts_what_followed_the_latest_longest_match():
 # -- the check ----------------------------------------------------------------------------------
 def test_greedy_drafts_give_the_same_tokens_in_fewer_passes():
     script = {3: 1}  # 1 2 3 1 2 3 ...: a loop prompt lookup predicts
-    plain = list(generate_tokens(VerifyingFakeSession(script=script), [1, 2, 3], GenerationConfig(max_tokens=30, draft_tokens=0)))
+    plain = list(generate_tokens(VerifyingFakeSession(script=script), [1, 2, 3],
+                                 GenerationConfig(max_tokens=30, draft_tokens=0)))
     session = VerifyingFakeSession(script=script)
     drafted = list(generate_tokens(session, [1, 2, 3], GenerationConfig(max_tokens=30, draft_tokens=8)))
     assert _tokens(drafted) == _tokens(plain) == [1, 2, 3] * 10
@@ -121,8 +122,8 @@ def test_sampling_with_drafts_keeps_the_distribution_end_to_end():
     np.testing.assert_allclose(counts / n, [0.5, 0.3, 0.15, 0.05], atol=0.03)
 
 
-@pytest.mark.parametrize("options", [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8),
-                                     dict(temperature=1.0, min_p=0.05)])
+@pytest.mark.parametrize("options", [dict(temperature=1.0), dict(temperature=0.7, top_k=5),
+                                     dict(temperature=1.3, top_p=0.8), dict(temperature=1.0, min_p=0.05)])
 def test_verifier_keeps_the_samplers_distribution(options):
     # Speculative sampling with a one-token draft: accept it with p(draft), else draw from p without it.
     # The tokens it returns must follow p exactly, whatever the draft.
@@ -157,7 +158,8 @@ def test_bad_draft_tokens_is_an_error(tiny_llama, bad):
 REPETITIVE = "one two three four, one two three four, one two three four, one two three"
 
 
-@pytest.mark.parametrize("options", [dict(), dict(repetition_penalty=1.3), dict(presence_penalty=0.5, frequency_penalty=0.3)])
+@pytest.mark.parametrize("options", [dict(), dict(repetition_penalty=1.3),
+                                     dict(presence_penalty=0.5, frequency_penalty=0.3)])
 def test_real_session_greedy_equals_one_token_per_step(tiny_llama, options):
     m = onnxllm.load(tiny_llama)
     plain = m.generate(REPETITIVE, max_tokens=48, draft_tokens=0, **options)
@@ -182,13 +184,16 @@ def test_real_session_sampling_with_drafts_is_seeded(tiny_llama):
 def test_growing_cache_does_not_draft(tiny_llama):
     m = onnxllm.load(tiny_llama, kv_mode="growing")
     r = m.generate(REPETITIVE, max_tokens=16)
-    assert r.timings.drafted_tokens == 0 and r.token_ids == onnxllm.load(tiny_llama).generate(REPETITIVE, max_tokens=16, draft_tokens=0).token_ids
+    plain = onnxllm.load(tiny_llama).generate(REPETITIVE, max_tokens=16, draft_tokens=0)
+    assert r.timings.drafted_tokens == 0 and r.token_ids == plain.token_ids
 
 
 def test_cli_draft_tokens(tiny_llama):
     on = json.loads(cli("run", tiny_llama, REPETITIVE, "--raw", "--max-tokens", "24", "--json").stdout)
-    off = json.loads(cli("run", tiny_llama, REPETITIVE, "--raw", "--max-tokens", "24", "--draft-tokens", "0", "--json").stdout)
-    assert on["tokens"] == off["tokens"] and off["timings"]["drafted_tokens"] == 0 and on["timings"]["drafted_tokens"] > 0
+    off = json.loads(cli("run", tiny_llama, REPETITIVE, "--raw", "--max-tokens", "24", "--draft-tokens", "0",
+                         "--json").stdout)
+    assert on["tokens"] == off["tokens"]
+    assert off["timings"]["drafted_tokens"] == 0 and on["timings"]["drafted_tokens"] > 0
     bad = cli("run", tiny_llama, "hi", "--draft-tokens", "-2")
     assert bad.returncode == 1 and "draft_tokens" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -4,5 +4,5 @@ from .quality import QualityReport, decode_speed, evaluate, format_report, hamle
 from .quantize import QuantizeOptions, QuantizeResult, quantize
 from .schemes import SCHEMES, Scheme
 
-__all__ = ["SCHEMES", "QualityReport", "QuantizeOptions", "QuantizeResult", "Scheme", "decode_speed", "evaluate", "format_report",
-           "hamlet_text", "quantize"]
+__all__ = ["SCHEMES", "QualityReport", "QuantizeOptions", "QuantizeResult", "Scheme", "decode_speed", "evaluate",
+           "format_report", "hamlet_text", "quantize"]

@@ -87,7 +87,7 @@ def _cosines(root: Path, base: str, candidate: Path) -> np.ndarray:
 
     reference = load_package(root, LoadOptions(device="cpu", variant=base))
     session = ort.InferenceSession(str(candidate), sess_options=session_options(), providers=["CPUExecutionProvider"])
-    quantized = EmbeddingModel(root, reference.manifest, "int8", session, reference.tokenizer, reference.providers)
+    quantized = EmbeddingModel(root, reference.manifest, "int8", session, reference.tokenizer, reference.placement)
     a = np.asarray(reference.embed(CHECK_TEXTS, normalize=True))
     b = np.asarray(quantized.embed(CHECK_TEXTS, normalize=True))
     return np.sum(a * b, axis=1)

@@ -91,7 +91,7 @@ class EmbeddingModel:
         self.variant = variant
         self.session = session
         self.tokenizer = tokenizer
-        self.providers = choice
+        self.placement = choice
         self.template = None  # embedding models do not chat
         names = {i.name for i in session.get_inputs()}
         missing = [n for n in self.spec.inputs if n not in names]
@@ -165,7 +165,7 @@ class EmbeddingModel:
     def info(self) -> dict:
         from .info import package_info
 
-        return package_info(self.root, self.manifest, providers=self.providers)
+        return package_info(self.root, self.manifest, providers=self.placement)
 
 
 def embedding_tokenizer(tokenizer, spec: EmbeddingSpec):

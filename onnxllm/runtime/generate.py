@@ -98,7 +98,8 @@ class GenerationConfig:
                 raise GenerationError(f"{name} must be a finite number, got {value!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise GenerationError("stop strings must be non-empty strings")
-        if isinstance(self.draft_tokens, bool) or not isinstance(self.draft_tokens, int) or not 0 <= self.draft_tokens <= 64:
+        draft = self.draft_tokens
+        if isinstance(draft, bool) or not isinstance(draft, int) or not 0 <= draft <= 64:
             raise GenerationError(f"draft_tokens must be an integer from 0 (off) to 64, got {self.draft_tokens!r}")
         if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) \
                 or not 0 <= self.top_logprobs <= 20:

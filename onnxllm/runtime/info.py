@@ -22,8 +22,9 @@ def package_info(root: Path, manifest: Manifest, *, providers=None) -> dict:
             quality = {"error": "quality.json is not valid JSON"}
     variants = {}
     for name, v in manifest.variants.items():
-        variants[name] = {"file": v.file, "scheme": v.scheme, "dtype": v.dtype, "bytes": onnx_bytes(safe_path(root, v.file)),
-                          "method": method_dict(v.method), "quality": quality.get(name) if isinstance(quality, dict) else None}
+        variants[name] = {"file": v.file, "scheme": v.scheme, "dtype": v.dtype,
+                          "bytes": onnx_bytes(safe_path(root, v.file)), "method": method_dict(v.method),
+                          "quality": quality.get(name) if isinstance(quality, dict) else None}
     a = manifest.architecture
     return {
         "package": str(root),

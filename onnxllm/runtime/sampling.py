@@ -51,7 +51,8 @@ def validate_sampling(
     if not (0.0 <= min_p <= 1.0):
         raise GenerationError(f"min_p must be in [0, 1] (0 disables it), got {min_p!r}")
     if not (repetition_penalty > 0.0) or math.isinf(repetition_penalty):
-        raise GenerationError(f"repetition_penalty must be a finite number > 0 (1 disables it), got {repetition_penalty!r}")
+        raise GenerationError(
+            f"repetition_penalty must be a finite number > 0 (1 disables it), got {repetition_penalty!r}")
 
 
 def _as_logits(logits: np.ndarray) -> np.ndarray:
