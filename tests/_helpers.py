@@ -1,7 +1,7 @@
 """Helpers tests share (no test file imports another): the CLI as a subprocess, a package with a chat template.
 
     from _helpers import ONNXLLM, cli, with_template
-    from _helpers import FakeSession                         # scripted logits, for the generation loop
+    from _helpers import FakeSession, VerifyingFakeSession   # scripted logits, for the generation loop
     from _helpers import IDS, TOLERANCE, logits, rel_rms     # quantized vs fp32 logits
 """
 
@@ -76,6 +76,22 @@ class FakeSession:
     def reserve(self, total):
         if total > 64:
             raise ContextOverflowError("too long")
+
+
+class VerifyingFakeSession(FakeSession):
+    """FakeSession's scripted logits (token t -> script.get(t, t + 1)), with the speculative interface:
+    forward(ids, all_logits=True) gives each fed position's logits."""
+
+    can_verify = True
+    context = 64  # FakeSession.reserve refuses more
+
+    def forward(self, ids, *, all_logits=False):
+        self.fed.append(list(ids))
+        start = len(self.tokens)
+        self.tokens.extend(ids)
+        assert len(self.tokens) <= self.context, "a pass went past the context"
+        rows = np.stack([self._logits(self.tokens[i]) for i in range(start, len(self.tokens))])
+        return rows if all_logits else rows[-1]
 
 
 # Relative RMS difference of the logits, quantized vs fp32, on random tiny models (hidden 64, weights

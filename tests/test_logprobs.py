@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_runtime import FakeSession
-from test_speculative import VerifyingFakeSession
+from _helpers import FakeSession, VerifyingFakeSession
 
 import onnxllm
 from onnxllm.cli import cli

@@ -6,29 +6,13 @@ import json
 
 import numpy as np
 import pytest
-from _helpers import FakeSession, cli
+from _helpers import VerifyingFakeSession, cli
 
 import onnxllm
 from onnxllm.errors import GenerationError
 from onnxllm.runtime.generate import GenerationConfig, generate_tokens
 from onnxllm.runtime.lookup import PromptLookup
 from onnxllm.runtime.sampling import make_verifier, softmax
-
-
-class VerifyingFakeSession(FakeSession):
-    """test_runtime's scripted session (token t -> script.get(t, t + 1)), with the speculative interface:
-    forward(ids, all_logits=True) gives each fed position's logits."""
-
-    can_verify = True
-    context = 64  # FakeSession.reserve refuses more
-
-    def forward(self, ids, *, all_logits=False):
-        self.fed.append(list(ids))
-        start = len(self.tokens)
-        self.tokens.extend(ids)
-        assert len(self.tokens) <= self.context, "a pass went past the context"
-        rows = np.stack([self._logits(self.tokens[i]) for i in range(start, len(self.tokens))])
-        return rows if all_logits else rows[-1]
 
 
 def _tokens(events):

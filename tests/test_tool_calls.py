@@ -226,7 +226,7 @@ def test_tool_call_round_trip_through_the_server(hermes_package):
 
 def test_format_of_the_real_family_templates():
     """The Qwen3 and Llama 3.1 templates that test_family_tokenizers renders like transformers."""
-    from test_family_tokenizers import LLAMA31, QWEN3
+    from _templates import LLAMA31, QWEN3
 
     assert format_for_template(QWEN3) is FMT["hermes"]
     assert format_for_template(LLAMA31) is FMT["llama3"]
