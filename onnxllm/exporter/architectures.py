@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -33,16 +33,36 @@ _ACTIVATIONS = {
 }
 
 
+class Lazy:
+    """A weight computed when the graph builder writes it (read from safetensors, fused, offset...), so a
+    streaming export holds one layer's tensors at a time instead of the whole model."""
+
+    __slots__ = ("_load",)
+
+    def __init__(self, load: Callable[[], np.ndarray]):
+        self._load = load
+
+    def load(self) -> np.ndarray:
+        return self._load()
+
+
+Tensor = np.ndarray | Lazy
+
+
+def materialize(x: Tensor) -> np.ndarray:
+    return x.load() if isinstance(x, Lazy) else x
+
+
 @dataclass(frozen=True)
 class Linear:
-    weight: np.ndarray  # (out, in), the PyTorch nn.Linear layout
-    bias: np.ndarray | None = None
+    weight: Tensor  # (out, in), the PyTorch nn.Linear layout
+    bias: Tensor | None = None
 
 
 @dataclass(frozen=True)
 class Norm:
-    weight: np.ndarray
-    bias: np.ndarray | None = None  # LayerNorm only
+    weight: Tensor
+    bias: Tensor | None = None  # LayerNorm only
 
 
 @dataclass(frozen=True)
@@ -98,11 +118,11 @@ class DecoderDims:
 @dataclass(frozen=True)
 class DecoderWeights:
     dims: DecoderDims
-    embed: np.ndarray  # (vocab, hidden)
-    pos_embed: np.ndarray | None  # (context, hidden) for learned positions
-    layers: list[LayerWeights]
+    embed: Tensor  # (vocab, hidden)
+    pos_embed: Tensor | None  # (context, hidden) for learned positions
+    layers: Sequence[LayerWeights]
     final_norm: Norm
-    lm_head: np.ndarray  # (vocab, hidden); the embedding itself when tied
+    lm_head: Tensor  # (vocab, hidden); the embedding itself (the same object) when tied
     rope: list[RopeTable]  # the RoPE tables layers point at (one per base/scaling); empty without RoPE
 
 
@@ -230,16 +250,30 @@ def _dims(config, family: Family, model_type: str) -> DecoderDims:
     )
 
 
+def _tensor(sd: StateDict, key: str, offset: float = 0.0) -> Lazy:
+    return Lazy(lambda: sd[key] + offset if offset else sd[key])
+
+
 def _lin(sd: StateDict, prefix: str) -> Linear:
-    return Linear(sd[prefix + ".weight"], sd.get(prefix + ".bias"))
+    bias = prefix + ".bias"
+    return Linear(_tensor(sd, prefix + ".weight"), _tensor(sd, bias) if bias in sd else None)
 
 
 def _cat(*linears: Linear) -> Linear:
-    weight = np.concatenate([lin.weight for lin in linears], axis=0)
-    if all(lin.bias is None for lin in linears):
-        return Linear(weight)
-    biases = [lin.bias if lin.bias is not None else np.zeros(lin.weight.shape[0], weight.dtype) for lin in linears]
-    return Linear(weight, np.concatenate(biases))
+    def weight() -> np.ndarray:
+        return np.concatenate([materialize(lin.weight) for lin in linears], axis=0)
+
+    def bias() -> np.ndarray:
+        parts = []
+        for lin in linears:
+            if lin.bias is not None:
+                parts.append(materialize(lin.bias))
+            else:  # only the rows' count is needed: read the weight once more (no bias is rare)
+                parts.append(np.zeros(materialize(lin.weight).shape[0], np.float32))
+        return np.concatenate(parts)
+
+    has_bias = any(lin.bias is not None for lin in linears)
+    return Linear(Lazy(weight), Lazy(bias) if has_bias else None)
 
 
 def _attention_spec(attn, config, head_dim: int, rope_index: int) -> AttentionSpec:
@@ -263,10 +297,9 @@ def _llama_like(model, sd: StateDict, family: Family, dims: DecoderDims) -> Deco
 
     def norm(prefix: str, name: str | None) -> Norm | None:
         key = f"{prefix}{name}.weight" if name else None
-        return Norm(sd[key] + offset) if key and key in sd else None
+        return Norm(_tensor(sd, key, offset)) if key and key in sd else None
 
-    layers = []
-    for i in range(dims.num_layers):
+    def layer(i: int) -> LayerWeights:
         p = f"model.layers.{i}."
         if p + "self_attn.qkv_proj.weight" in sd:  # phi3 ships them fused already
             qkv = _lin(sd, p + "self_attn.qkv_proj")
@@ -275,59 +308,58 @@ def _llama_like(model, sd: StateDict, family: Family, dims: DecoderDims) -> Deco
             qkv = _cat(*(_lin(sd, p + f"self_attn.{n}_proj") for n in "qkv"))
             up = _cat(_lin(sd, p + "mlp.gate_proj"), _lin(sd, p + "mlp.up_proj"))
         attn = model.model.layers[i].self_attn
-        layers.append(
-            LayerWeights(
-                attn_norm=norm(p, family.norms.attn_in),
-                qkv=qkv,
-                o=_lin(sd, p + "self_attn.o_proj"),
-                mlp_norm=norm(p, family.norms.mlp_in),
-                up=up,
-                down=_lin(sd, p + "mlp.down_proj"),
-                attention=_attention_spec(attn, config, dims.head_dim, layer_tables[i]),
-                attn_out_norm=norm(p, family.norms.attn_out),
-                mlp_out_norm=norm(p, family.norms.mlp_out),
-                q_norm=norm(p, "self_attn.q_norm"),
-                k_norm=norm(p, "self_attn.k_norm"),
-            )
+        return LayerWeights(
+            attn_norm=norm(p, family.norms.attn_in),
+            qkv=qkv,
+            o=_lin(sd, p + "self_attn.o_proj"),
+            mlp_norm=norm(p, family.norms.mlp_in),
+            up=up,
+            down=_lin(sd, p + "mlp.down_proj"),
+            attention=_attention_spec(attn, config, dims.head_dim, layer_tables[i]),
+            attn_out_norm=norm(p, family.norms.attn_out),
+            mlp_out_norm=norm(p, family.norms.mlp_out),
+            q_norm=norm(p, "self_attn.q_norm"),
+            k_norm=norm(p, "self_attn.k_norm"),
         )
-    embed = sd["model.embed_tokens.weight"]
+
+    embed = _tensor(sd, "model.embed_tokens.weight")
     return DecoderWeights(
         dims=dims,
         embed=embed,
         pos_embed=None,
-        layers=layers,
-        final_norm=Norm(sd["model.norm.weight"] + offset),
-        lm_head=embed if dims.tied_embeddings else sd["lm_head.weight"],
+        layers=[layer(i) for i in range(dims.num_layers)],  # descriptions only: weights load when written
+        final_norm=Norm(_tensor(sd, "model.norm.weight", offset)),
+        lm_head=embed if dims.tied_embeddings else _tensor(sd, "lm_head.weight"),
         rope=tables,
     )
 
 
 def _gpt2(model, sd: StateDict, family: Family, dims: DecoderDims) -> DecoderWeights:
     def conv1d(prefix: str) -> Linear:  # GPT-2's Conv1D stores (in, out)
-        return Linear(np.ascontiguousarray(sd[prefix + ".weight"].T), sd[prefix + ".bias"])
+        return Linear(Lazy(lambda: np.ascontiguousarray(sd[prefix + ".weight"].T)), _tensor(sd, prefix + ".bias"))
 
     layers = []
     for i in range(dims.num_layers):
         p = f"transformer.h.{i}."
         layers.append(
             LayerWeights(
-                attn_norm=Norm(sd[p + "ln_1.weight"], sd[p + "ln_1.bias"]),
+                attn_norm=Norm(_tensor(sd, p + "ln_1.weight"), _tensor(sd, p + "ln_1.bias")),
                 qkv=conv1d(p + "attn.c_attn"),
                 o=conv1d(p + "attn.c_proj"),
-                mlp_norm=Norm(sd[p + "ln_2.weight"], sd[p + "ln_2.bias"]),
+                mlp_norm=Norm(_tensor(sd, p + "ln_2.weight"), _tensor(sd, p + "ln_2.bias")),
                 up=conv1d(p + "mlp.c_fc"),
                 down=conv1d(p + "mlp.c_proj"),
                 attention=AttentionSpec(scale=dims.head_dim ** -0.5, rope=-1),
             )
         )
-    embed = sd["transformer.wte.weight"]
+    embed = _tensor(sd, "transformer.wte.weight")
     return DecoderWeights(
         dims=dims,
         embed=embed,
-        pos_embed=sd["transformer.wpe.weight"],
+        pos_embed=_tensor(sd, "transformer.wpe.weight"),
         layers=layers,
-        final_norm=Norm(sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]),
-        lm_head=embed if dims.tied_embeddings else sd["lm_head.weight"],
+        final_norm=Norm(_tensor(sd, "transformer.ln_f.weight"), _tensor(sd, "transformer.ln_f.bias")),
+        lm_head=embed if dims.tied_embeddings else _tensor(sd, "lm_head.weight"),
         rope=[],
     )
 
@@ -335,13 +367,31 @@ def _gpt2(model, sd: StateDict, family: Family, dims: DecoderDims) -> DecoderWei
 _LAYOUTS = {"llama": _llama_like, "gpt2": _gpt2}
 
 
-def extract_weights(model) -> DecoderWeights:
-    """Reduce a transformers causal LM (PyTorch) to the builder's uniform weights (float32 numpy)."""
+class _TorchStateDict(Mapping):
+    """A loaded model's tensors as float32 numpy, converted when read (no copy for float32 weights)."""
+
+    def __init__(self, model):
+        self._tensors = model.state_dict()
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._tensors[key].detach().float().numpy()
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def extract_weights(model, state_dict: StateDict | None = None) -> DecoderWeights:
+    """Reduce a transformers causal LM to the builder's uniform description. Weights come from `state_dict`
+    (name -> float32 array, read on access: a streaming safetensors reader) or else from the model itself;
+    the model supplies config and module attributes only, so with a state_dict it may live on the meta device."""
     config = model.config
     check_supported(config.model_type)
     family = REGISTRY[config.model_type]
     dims = _dims(config, family, config.model_type)
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    sd = state_dict if state_dict is not None else _TorchStateDict(model)
     return _LAYOUTS[family.layout](model, sd, family, dims)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .architectures import DecoderDims, LayerWeights
+from .architectures import DecoderDims, LayerWeights, materialize
 from .graph_ops import MS_DOMAIN, Graph, rms_norm
 from .rope import RopeTable
 
@@ -85,7 +85,7 @@ def _rotate(g: Graph, x: str, heads: int, dims: DecoderDims, rope: RopeInputs, i
 
 
 def _qk_norm(g: Graph, x: str, layer_norm, heads: int, dims: DecoderDims, name: str) -> str:
-    if layer_norm.weight.shape[0] != dims.head_dim:  # over all heads at once (OLMo 2)
+    if materialize(layer_norm.weight).shape[0] != dims.head_dim:  # over all heads at once (OLMo 2)
         return rms_norm(g, x, layer_norm, dims.norm_eps, name)
     x4 = g.op("Reshape", [x, g.const(f"{name}/heads_shape", [0, 0, heads, dims.head_dim], np.int64)], f"{name}/Reshape")
     normed = rms_norm(g, x4, layer_norm, dims.norm_eps, name)

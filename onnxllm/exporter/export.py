@@ -2,6 +2,11 @@
 
 Steps: resolve the source, load it in PyTorch (transformers), reduce it to uniform weights, build the
 graph, save into a staging folder, verify against PyTorch, write the manifest, rename into place.
+
+Memory: a safetensors checkpoint is streamed. The PyTorch model is built on the meta device (config and
+module attributes, no weights), each weight is read from the mapped files when the graph builder writes
+it to the external-data file, and the real model is loaded only to verify, then freed before the ONNX
+session opens. Other sources (GGUF, remote code, pickle) load the model first and write the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from ..errors import ExportError, InvalidPackageError, OnnxLLMError
 from ..methods import ExportMethod
 from ..package import (FORMAT_VERSION, Architecture, KVCacheSpec, Manifest, Variant, check_can_create, onnx_bytes,
                        sha256_file, staging_dir, write_manifest, write_text_atomic)
-from ..package import save_onnx as _save_onnx
 from ..version import __version__
 from .architectures import REGISTRY, DecoderWeights, describe_graph, extract_weights
 from .graph import IO_NAMES, build_decoder
@@ -41,13 +45,71 @@ class ExportOptions:
 
 @dataclass
 class _Loaded:
-    model: object  # a transformers PreTrainedModel
+    model: object  # a transformers PreTrainedModel; on the meta device when `state_dict` streams the weights
     eos_token_ids: list[int]
     bos_token_id: int | None
     add_bos_token: bool
     chat_template: str | None
     write_tokenizer: Callable[[Path], None]
     timings: dict = field(default_factory=dict)
+    state_dict: object = None  # name -> float32 array, read on access (SafetensorsStateDict)
+    reference: Callable[[], object] | None = None  # loads the real model for verification
+
+
+@contextlib.contextmanager
+def _reading(src: Source, *, writing: bool = False):
+    """safetensors/gguf/transformers raise many unrelated types on bad files: one clear error instead.
+    `writing`: the step also writes, so an OSError (a full disk) is ours to report as it is."""
+    try:
+        yield
+    except (OnnxLLMError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        if writing and isinstance(exc, OSError):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ExportError(f"cannot load {src.path}: {type(exc).__name__}: {first}") from None
+
+
+def _save_onnx(proto, path: Path) -> None:
+    """The graph file; its weights are already in `path.name + ".data"` (written while building)."""
+    import onnx
+
+    onnx.save_model(proto, str(path))
+    data = path.with_name(path.name + ".data")
+    if data.exists():  # the data file gets the graph file's mode (the user's umask), as package.save_onnx does
+        os.chmod(data, path.stat().st_mode & 0o777)
+
+
+def _hand_over(loaded: _Loaded) -> Callable[[], object]:
+    """A loader that gives away the one reference to the loaded model, so its caller can free it."""
+    box = [loaded.model]
+    loaded.model = None
+    return box.pop
+
+
+def _streamed_model(path: Path, opts: ExportOptions):
+    """(meta-device model, state dict) when the checkpoint's safetensors hold every tensor the model names;
+    None when they do not (renamed or fused tensors transformers converts on load): load it whole then."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from .safetensors_reader import SafetensorsStateDict
+
+    if opts.trust_remote_code or not any(path.glob("*.safetensors")):
+        return None
+    config = AutoConfig.from_pretrained(str(path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    sd = SafetensorsStateDict(path)
+    needed = set(model.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        needed.discard("lm_head.weight")
+    if not needed <= set(sd):
+        return None
+    with contextlib.suppress(OSError):
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    return model, sd
 
 
 @contextlib.contextmanager
@@ -85,10 +147,14 @@ def _load_gguf(src: Source) -> _Loaded:
 def _load_hf(src: Source, opts: ExportOptions) -> _Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(src.path), dtype="float32", trust_remote_code=opts.trust_remote_code,
-        use_safetensors=not opts.allow_pickle,
-    )
+    def load_model():
+        return AutoModelForCausalLM.from_pretrained(
+            str(src.path), dtype="float32", trust_remote_code=opts.trust_remote_code,
+            use_safetensors=not opts.allow_pickle,
+        ).eval()
+
+    streamed = _streamed_model(src.path, opts)
+    model, state_dict = streamed if streamed else (load_model(), None)
     tok = AutoTokenizer.from_pretrained(str(src.path), trust_remote_code=opts.trust_remote_code)
     if not getattr(tok, "is_fast", False):
         raise ExportError(f"{src.path} has no fast tokenizer (tokenizer.json) and it could not be converted")
@@ -114,7 +180,8 @@ def _load_hf(src: Source, opts: ExportOptions) -> _Loaded:
     with_special, plain = tok(probe)["input_ids"], tok(probe, add_special_tokens=False)["input_ids"]
     bos = tok.bos_token_id
     add_bos = bos is not None and with_special[:1] == [bos] and plain[:1] != [bos]
-    return _Loaded(model, eos, tok.bos_token_id, add_bos, template, write)
+    return _Loaded(model, eos, tok.bos_token_id, add_bos, template, write, state_dict=state_dict,
+                   reference=load_model if state_dict is not None else None)
 
 
 def _generation_defaults(model) -> dict:
@@ -198,18 +265,11 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
         return _export_embedding(embedding, out_dir, options, progress)
     timings: dict = {}
     src = resolve_source(source, allow_pickle=options.allow_pickle)
-    with _step(progress, "loading", timings):
-        try:
-            loaded = _load_gguf(src) if src.kind == "gguf" else _load_hf(src, options)
-        except (OnnxLLMError, KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as exc:  # safetensors/gguf/transformers raise many unrelated types on bad files
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise ExportError(f"cannot load {src.path}: {type(exc).__name__}: {first}") from None
-        model = loaded.model.eval()
-    with _step(progress, "building graph", timings):
-        weights = extract_weights(model)
-        proto = build_decoder(weights, dtype=options.dtype)
+    with _step(progress, "loading", timings), _reading(src):
+        loaded = _load_gguf(src) if src.kind == "gguf" else _load_hf(src, options)
+    model = loaded.model.eval()
+    with _reading(src):
+        weights = extract_weights(model, loaded.state_dict)
     d = weights.dims
     graph_notes = describe_graph(weights)
     if progress:
@@ -219,8 +279,13 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
     io = DecoderIO(IO_NAMES, d.num_layers, d.num_kv_heads, d.head_dim, kv_cache)
     with staging_dir(out_dir, force=options.force) as tmp:
         onnx_file = "onnx/model.onnx" if options.dtype == "float32" else "onnx/model_fp16.onnx"
+        graph_path = tmp / onnx_file
+        graph_path.parent.mkdir(parents=True, exist_ok=True)
+        with _step(progress, "building graph", timings), _reading(src, writing=True):
+            with open(graph_path.with_name(graph_path.name + ".data"), "wb") as data:
+                proto = build_decoder(weights, dtype=options.dtype, data=data, location=graph_path.name + ".data")
         with _step(progress, "saving", timings):
-            _save_onnx(proto, tmp / onnx_file)
+            _save_onnx(proto, graph_path)
             del proto
             model.config.save_pretrained(str(tmp))
             generation = _generation_defaults(model)
@@ -231,10 +296,15 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
             if loaded.chat_template:
                 write_text_atomic(tmp / "chat_template.jinja", loaded.chat_template)
             write_text_atomic(tmp / "genai_config.json", json.dumps(_genai_config(weights, io, loaded, onnx_file), indent=2))
+        parameters = sum(p.numel() for p in model.parameters())
+        del weights, model  # the weights' state dict would keep a loaded model's tensors alive
         verification: dict = {"skipped": True}
         if options.verify:
             with _step(progress, "verifying", timings):
-                report = verify_export(tmp / onnx_file, model, io, vocab_size=d.vocab_size, dtype=options.dtype)
+                # Loaded once (streaming) or handed over, and freed before the ONNX session needs its memory.
+                reference = loaded.reference or _hand_over(loaded)
+                report = verify_export(tmp / onnx_file, reference, io, vocab_size=d.vocab_size,
+                                       dtype=options.dtype)
             verification = {"max_abs_diff": report.max_abs_diff, "max_abs_diff_with_past": report.max_abs_diff_with_past,
                             "tolerance": report.tolerance, "prompts": report.prompts}
             if progress:
@@ -255,7 +325,7 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
                 model_type=d.model_type, vocab_size=d.vocab_size, hidden_size=d.hidden_size, num_layers=d.num_layers,
                 num_heads=d.num_heads, num_kv_heads=d.num_kv_heads, head_dim=d.head_dim,
                 intermediate_size=d.intermediate_size, context_length=d.context_length,
-                parameters=sum(p.numel() for p in model.parameters()),
+                parameters=parameters,
             ),
             io=IO_NAMES,
             kv_cache=kv_cache,

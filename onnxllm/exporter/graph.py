@@ -16,6 +16,8 @@ soft-cap below is a field of the weights; absent fields emit nothing.
 
 from __future__ import annotations
 
+from typing import BinaryIO
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -42,10 +44,12 @@ def _block_output(g: Graph, x: str, norm, w: DecoderWeights, name: str) -> str:
     return x
 
 
-def build_decoder(w: DecoderWeights, *, dtype: str = "float32", io: IOSpec = IO_NAMES) -> onnx.ModelProto:
-    """The whole decoder as an in-memory ModelProto (weights inline; `save_model` externalizes)."""
+def build_decoder(w: DecoderWeights, *, dtype: str = "float32", io: IOSpec = IO_NAMES,
+                  data: BinaryIO | None = None, location: str = "") -> onnx.ModelProto:
+    """The whole decoder as a ModelProto. Weights inline, or, with `data` (an open file that will sit beside the
+    .onnx as `location`), written there one by one as they are made: the proto then holds references only."""
     d = w.dims
-    g = Graph(dtype)
+    g = Graph(dtype, data=data, location=location)
     kv_shape = ["batch_size", d.num_kv_heads, "past_sequence_length", d.head_dim]
     inputs = [
         helper.make_tensor_value_info(io.input_ids, TensorProto.INT64, ["batch_size", "sequence_length"]),

@@ -8,23 +8,45 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .architectures import Linear, Norm
+from typing import BinaryIO
+
+from .architectures import Linear, Norm, Tensor, materialize
 
 MS_DOMAIN = "com.microsoft"
 _DTYPES = {"float32": (TensorProto.FLOAT, np.float32), "float16": (TensorProto.FLOAT16, np.float16)}
 
 
 class Graph:
-    """Accumulates nodes and initializers under readable names."""
+    """Accumulates nodes and initializers under readable names.
 
-    def __init__(self, dtype: str):
+    With `data` (an open file) every weight of 1 KiB or more is written there as soon as it is made and the
+    graph keeps only a reference (ONNX external data, `location` relative to the .onnx file): an export then
+    holds one tensor at a time, not a second copy of the model. Without it weights stay inline."""
+
+    def __init__(self, dtype: str, *, data: BinaryIO | None = None, location: str = ""):
         self.elem, self.np_dtype = _DTYPES[dtype]
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self._data, self._location = data, location
 
-    def weight(self, name: str, array: np.ndarray, *, dtype=None) -> str:
-        array = np.ascontiguousarray(array, dtype=dtype or self.np_dtype)
-        self.initializers.append(numpy_helper.from_array(array, name))
+    def weight(self, name: str, array: Tensor, *, dtype=None, transpose: bool = False) -> str:
+        array = materialize(array)
+        array = np.ascontiguousarray(array.T if transpose else array, dtype=dtype or self.np_dtype)
+        if self._data is None or array.nbytes < 1024:  # small constants inline: shape inference reads them
+            self.initializers.append(numpy_helper.from_array(array, name))
+            return name
+        offset = self._data.tell()
+        pad = -offset % 64  # 64-byte aligned, so a reader that maps the file can use each tensor in place
+        if pad:
+            self._data.write(b"\0" * pad)
+            offset += pad
+        self._data.write(array.data)
+        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                                  dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", self._location), ("offset", str(offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.initializers.append(tensor)
         return name
 
     def const(self, name: str, values, dtype) -> str:
@@ -39,7 +61,7 @@ class Graph:
 
 def linear(g: Graph, x: str, lin: Linear, name: str) -> str:
     """x @ W^T (+ b); MatMul with a (in, out) initializer, which the quantizers rewrite."""
-    y = g.op("MatMul", [x, g.weight(f"{name}.weight", lin.weight.T)], f"{name}/MatMul")
+    y = g.op("MatMul", [x, g.weight(f"{name}.weight", lin.weight, transpose=True)], f"{name}/MatMul")
     if lin.bias is not None:
         y = g.op("Add", [y, g.weight(f"{name}.bias", lin.bias)], f"{name}/Add")
     return y

@@ -73,6 +73,8 @@ def rope_tables(model) -> tuple[list[RopeTable], list[int]]:
     """(tables, index of each layer's table). Layers without RoPE still get an index; their spec says -1."""
     config = model.config
     rotary = model.model.rotary_emb
+    if any(b.is_meta for b in rotary.buffers()):  # a streaming export's model has no data: make this part real
+        rotary = type(rotary)(config=config)
     layer_types = list(getattr(config, "layer_types", None) or [])
     per_type = bool(layer_types) and all(hasattr(rotary, f"{t}_inv_freq") for t in set(layer_types))
     if not per_type:
