@@ -190,8 +190,10 @@ def test_int8_variant_keeps_the_vectors(encoders, tmp_path):
     result = quantize(pkg, "int8")
     assert result.meets_targets and result.default_for == ("cpu",) and result.min_cosine >= 0.99
     manifest = json.loads((pkg / "onnxllm.json").read_text())
-    assert manifest["variants"]["int8"]["method"]["operator"] == "MatMulNBits"
-    assert manifest["variants"]["int8"]["method"]["matmuls"] > 0
+    method = manifest["variants"]["int8"]["method"]
+    assert method["quantized"] == {"QAttention": 2, "MatMulInteger": 4,
+                                   "QEmbedLayerNormalization": 1} and method["smoothed"] == 4
+    assert len(method["kept_fp32"]) == 2  # each layer's FFN output product
     model = onnxllm.load(pkg)
     assert model.variant == "int8"
     cos = np.sum(model.embed(TEXTS) * fp32, axis=1)

@@ -94,7 +94,9 @@ def test_fp32_matches_sentence_transformers(minilm, reference):
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-TIE = 0.005  # fp32 cosines closer than this are a tie: int8's measured noise is ~0.002
+# fp32 cosines closer than this are a tie: int8 moves a cosine by up to ~0.006 here, so two irrelevant
+# texts at 0.069 and 0.066 may trade places (measured: at rank 5/6 for "How much do cats sleep?").
+TIE = 0.01
 
 
 def _top5(model, queries, corpus):
@@ -119,11 +121,14 @@ def test_int8_keeps_cosine_and_top5(minilm, reference):
     fp32_top5, int8_top5 = _top5(fp32, QUERIES, CORPUS), _top5(int8, QUERIES, CORPUS)
     assert [ranks for ranks, _ in fp32_top5] == st_top5
     assert [r[0] for r in st_top5] == [1, 5, 10, 12, 19, 21]  # each query has one clear answer
+    exact = 0
     for (want, scores), (got, _) in zip(fp32_top5, int8_top5):
-        assert set(got) == set(want) and got[0] == want[0], (want, got)
-        # where the order differs, the two texts were tied in fp32 (e.g. 0.0905 vs 0.0904)
+        assert got[0] == want[0], (want, got)
+        # the same ranking up to ties: where a rank holds another text, fp32 scored the two within TIE
         for a, b in zip(want, got):
             assert a == b or abs(scores[a] - scores[b]) < TIE, (want, got, scores[a], scores[b])
+        exact += got == want
+    assert exact >= len(QUERIES) // 2  # most queries keep the exact top-5 order
 
 
 def test_cli_search_on_the_catalog_model(minilm, tmp_path):

@@ -486,6 +486,9 @@ def _load_embedding(root: Path, manifest: Manifest, variant: str, choice: Provid
     from .embed import EmbeddingModel, embedding_tokenizer
 
     sess_opts = session_options(threads=options.threads, optimization=options.optimization)
+    # The arena the decoders turn off (for a flat RSS between long prefills) pays here: one pass per batch,
+    # buffers reused; all-MiniLM-L6-v2 fp32 measured ~15% more texts/s with it, at batch 1 and 32.
+    sess_opts.enable_cpu_mem_arena = True
     try:
         session = ort.InferenceSession(str(onnx_path), sess_options=sess_opts, providers=choice.providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types on a corrupt file
