@@ -234,7 +234,8 @@ def main() -> None:
     print(f"command: {report['command']}")
     print(f"{'runtime':<24}{'batch 1 texts/s':>16}{'batch 32 texts/s':>18}{'peak RSS MiB':>14}{'min cos':>10}")
     for r in rows:
-        cos = "" if r["min_cosine_to_sentence_transformers"] is None else f"{r['min_cosine_to_sentence_transformers']:.5f}"
+        st = r["min_cosine_to_sentence_transformers"]
+        cos = "" if st is None else f"{st:.5f}"
         print(f"{r['runtime']:<24}{r['batch1_texts_s']:>16.1f}{r['batch32_texts_s']:>18.1f}{r['peak_rss_mib']:>14.0f}"
               f"{cos:>10}")
     for r in rows:

@@ -210,7 +210,8 @@ REAL_TEMPLATES = {
 def test_real_templates_match_transformers(template_name, name, add_generation_prompt):
     source, bos, eos = REAL_TEMPLATES[template_name]
     messages = CONVERSATIONS[name]
-    ours = ChatTemplate(source, bos_token=bos, eos_token=eos).render(messages, add_generation_prompt=add_generation_prompt)
+    template = ChatTemplate(source, bos_token=bos, eos_token=eos)
+    ours = template.render(messages, add_generation_prompt=add_generation_prompt)
     assert ours == _reference(source, bos, eos, messages, add_generation_prompt)
 
 

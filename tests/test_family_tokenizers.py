@@ -32,7 +32,8 @@ TOOLS = [{"type": "function", "function": {
 SYSTEM = {"role": "system", "content": "You are terse. 用中文回答。"}
 CONVERSATIONS = {
     "system_user": [SYSTEM, {"role": "user", "content": "What is 2+2? 🙂"}],
-    "multi_turn": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\nGreet.\n</think>\n\nHello!"},
+    "multi_turn": [{"role": "user", "content": "Hi"},
+                   {"role": "assistant", "content": "<think>\nGreet.\n</think>\n\nHello!"},
                    {"role": "user", "content": "def f(): pass — explain"}],
     "tool_call": [SYSTEM, {"role": "user", "content": "Weather in Paris?"},
                   {"role": "assistant", "content": "", "tool_calls": [
@@ -140,7 +141,8 @@ def test_token_ids_equal_transformers(packages, kind):
     for text in (TEXT, " leading space", "x", "\n\n  \t"):
         expected = hf(text)["input_ids"]
         assert model.encode(text) == expected, text
-        assert hf.decode(expected, skip_special_tokens=False) == model.tokenizer.decode(expected, skip_special_tokens=False)
+        ours = model.tokenizer.decode(expected, skip_special_tokens=False)
+        assert hf.decode(expected, skip_special_tokens=False) == ours
     manifest = json.loads((Path(pkg) / "onnxllm.json").read_text())
     assert manifest["add_bos_token"] == (kind == "sentencepiece_bpe")
     if kind == "sentencepiece_bpe":  # the CJK and emoji of TEXT really went through byte fallback

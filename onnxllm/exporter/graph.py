@@ -56,7 +56,8 @@ def build_decoder(w: DecoderWeights, *, dtype: str = "float32", io: IOSpec = IO_
         helper.make_tensor_value_info(io.attention_mask, TensorProto.INT64, ["batch_size", "total_sequence_length"]),
         helper.make_tensor_value_info(io.position_ids, TensorProto.INT64, ["batch_size", "sequence_length"]),
     ]
-    outputs = [helper.make_tensor_value_info(io.logits, TensorProto.FLOAT, ["batch_size", "sequence_length", d.vocab_size])]
+    outputs = [helper.make_tensor_value_info(io.logits, TensorProto.FLOAT,
+                                             ["batch_size", "sequence_length", d.vocab_size])]
     present_shape = ["batch_size", d.num_kv_heads, "total_sequence_length", d.head_dim]
     for i in range(d.num_layers):
         inputs += [helper.make_tensor_value_info(io.past_key.format(i), g.elem, kv_shape),

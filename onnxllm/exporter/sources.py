@@ -18,7 +18,8 @@ from .architectures import check_supported
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # GGUF tensor types the exporter reads (by gguf.GGMLQuantizationType name).
-SUPPORTED_GGUF_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+SUPPORTED_GGUF_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ def _download(hub_id: str) -> Path:
         from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError:
         raise ModelNotFoundError(
-            f"{hub_id!r} looks like a Hugging Face hub id, but huggingface_hub is not installed: pip install 'onnxllm[export]'"
+            f"{hub_id!r} looks like a Hugging Face hub id, but huggingface_hub is not installed: "
+            "pip install 'onnxllm[export]'"
         ) from None
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"]
     try:

@@ -112,7 +112,8 @@ def smooth_and_convert(model, manifest, ids: list[int], *, alpha: float = ALPHA,
     converted = []
     for layer, part, node in plans:
         w = _get(inits, node.input[1])  # (K, N)
-        s = np.clip(ranges[node.input[0]], 1e-5, None) ** alpha / np.clip(np.abs(w).max(axis=1), 1e-5, None) ** (1 - alpha)
+        s = (np.clip(ranges[node.input[0]], 1e-5, None) ** alpha
+             / np.clip(np.abs(w).max(axis=1), 1e-5, None) ** (1 - alpha))
         src = producer.get(node.input[0])
         if part == "attn/o_proj":
             qkv = nodes.get(f"/model/layers.{layer}/attn/qkv_proj/MatMul")
@@ -127,7 +128,8 @@ def smooth_and_convert(model, manifest, ids: list[int], *, alpha: float = ALPHA,
             v = slice((heads + kv) * head_dim, None)
             wq[:, v] /= s_kv.reshape(-1)[None]
             _put(inits, qkv.input[1], wq)
-            bias = next((x for n in users.get(qkv.output[0], []) if n.op_type == "Add" for x in n.input if x in inits), None)
+            adds = [n for n in users.get(qkv.output[0], []) if n.op_type == "Add"]
+            bias = next((x for n in adds for x in n.input if x in inits), None)
             if bias is not None:  # qkv bias (Qwen2, GPT-2): its V part scales with the V columns
                 b = _get(inits, bias)
                 b[v] /= s_kv.reshape(-1)
@@ -151,7 +153,8 @@ def smooth_and_convert(model, manifest, ids: list[int], *, alpha: float = ALPHA,
         scale[scale == 0] = 1.0
         _put(inits, node.input[1], np.clip(np.round(w / scale), -127, 127).astype(np.int8))
         model.graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), node.input[1] + "_scale"))
-        replacement = helper.make_node("DynamicQuantizeMatMul", [node.input[0], node.input[1], node.input[1] + "_scale"],
+        replacement = helper.make_node("DynamicQuantizeMatMul",
+                                       [node.input[0], node.input[1], node.input[1] + "_scale"],
                                        list(node.output), name=node.name + "_DQ", domain="com.microsoft")
         node.CopyFrom(replacement)
         converted.append(replacement.name)

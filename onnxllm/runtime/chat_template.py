@@ -46,7 +46,8 @@ def _raise_exception(message: str) -> None:
     raise _TemplateRaised(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
+def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
     # Same as transformers: Jinja's built-in tojson HTML-escapes and sorts keys, which templates were not trained on.
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -136,13 +137,15 @@ def _plain(value: Any) -> Any:
 
 def _validate_messages(messages: Any) -> list[dict]:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise GenerationError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
+        raise GenerationError(
+            f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
     if not messages:
         raise GenerationError("messages is empty; give at least one {'role': ..., 'content': ...} message")
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise GenerationError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
+            raise GenerationError(
+                f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
         role = message.get("role")
         if not isinstance(role, str) or not role:
             raise GenerationError(f"messages[{i}]['role'] must be a non-empty string, got {role!r}")
@@ -179,7 +182,8 @@ class ChatTemplate:
 
     def __init__(self, source: str, *, bos_token: str | None = None, eos_token: str | None = None) -> None:
         if not isinstance(source, str) or not source.strip():
-            raise InvalidPackageError("chat template is empty or not a string; the package's tokenizer config is broken")
+            raise InvalidPackageError(
+                "chat template is empty or not a string; the package's tokenizer config is broken")
         if _jinja_version() < _MIN_JINJA:
             raise GenerationError(
                 f"jinja2 {jinja2.__version__} has known sandbox escapes; chat templates need jinja2>=3.1.6 "
