@@ -329,6 +329,16 @@ def test_models_are_fixed_at_start(tiny_chat, tmp_path):
         assert response.status_code == 404
 
 
+def test_cli_warns_before_exposing_the_server_without_a_key(tmp_path):
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path / "missing"), "--host", "0.0.0.0"])
+    assert "warning: listening on 0.0.0.0 without --api-key" in result.output  # printed before anything starts
+    assert result.exit_code == 1 and "does not exist" in result.output
+    quiet = CliRunner().invoke(cli, ["serve", str(tmp_path / "missing"), "--host", "0.0.0.0", "--api-key", "k"])
+    assert "warning" not in quiet.output and quiet.exit_code == 1
+    bad = CliRunner().invoke(cli, ["serve", "--keep-alive", "soon"])
+    assert bad.exit_code == 1 and "--keep-alive" in bad.output
+
+
 def test_serve_without_the_extra_says_what_to_install(monkeypatch):
     import importlib.util
 

@@ -251,7 +251,7 @@ class TokenPicker:
         return self._scored(row, token), ok
 
     def _scored(self, row: np.ndarray, token: int) -> int:
-        # Scored from the very logits the token was drawn from (after the penalties).
+        # Scored from the very logits the token was drawn from (after the penalties and any constraint).
         if self._score is not None:
             self.scores.append(self._score(row, token))
         return token
