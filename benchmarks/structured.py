@@ -104,6 +104,18 @@ def decode(args) -> None:
           f"{statistics.mean(costs) / step_us:.1%} of it)")
 
 
+# (schema, compact documents that break it): ranges, lengths, counts, patterns
+INVALID = [
+    ({"type": "integer", "minimum": 0, "maximum": 120}, ["121", "-5"]),
+    ({"type": "number", "exclusiveMinimum": 0, "maximum": 1}, ["0", "1.5"]),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 3}, ["[1]", "[1,2,3,4]"]),
+    ({"type": "string", "minLength": 2, "maxLength": 4}, ['"a"', '"abcde"']),
+    ({"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}, ['"AB-1234"']),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False},
+     ['{}', '{"a":1,"b":2}']),
+]
+
+
 def engines(args) -> None:
     from tokenizers import Tokenizer
 
@@ -139,7 +151,7 @@ def engines(args) -> None:
     results = {}
 
     def timeit(name, build, step):
-        compile_ms, per = [], []
+        compile_ms, per, refused = [], [], 0
         for schema, ids in docs:
             t = time.perf_counter()
             state = build(schema)
@@ -149,10 +161,17 @@ def engines(args) -> None:
                 ok = step(state, i)
                 per.append((time.perf_counter() - t) * 1e6)
                 if not ok:
+                    refused += 1
                     print(f"  {name} rejected token {i} ({tok.decode([i])!r}) in a valid document of "
                           f"{json.dumps(schema)[:60]}")
                     break
-        results[name] = (compile_ms, per)
+        wrong = 0
+        for schema, texts in INVALID:  # documents that break the schema: an engine must refuse some token of each
+            for text in texts:
+                state = build(schema)
+                ids = tok.encode(text, add_special_tokens=False).ids + [eos]
+                wrong += all(step(state, i) for i in ids)
+        results[name] = (compile_ms, per, refused, wrong)
 
     def llg_build(schema):
         return llguidance.LLMatcher(llt, llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=compact),
@@ -224,12 +243,13 @@ def engines(args) -> None:
     print(f"{platform.processor() or platform.machine()}; {_versions()}; tokenizer {args.tokenizer} "
           f"({n_vocab} tokens); {len(docs)} schemas, {sum(len(d) for _, d in docs)} tokens")
     print("| engine | tokenizer setup s | compile ms median (max) | mask + advance us/token median | mean | p90 "
-          "| max |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, (compile_ms, per) in results.items():
+          f"| max | valid documents refused (of {len(docs)}) "
+          f"| invalid accepted (of {sum(len(t) for _, t in INVALID)}) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, (compile_ms, per, refused, wrong) in results.items():
         print(f"| {name} | {setup[name]:.2f} | {statistics.median(compile_ms):.1f} ({max(compile_ms):.0f}) | "
               f"{statistics.median(per):.0f} | {statistics.mean(per):.0f} | {np.percentile(per, 90):.0f} | "
-              f"{max(per):.0f} |")
+              f"{max(per):.0f} | {refused} | {wrong} |")
 
 
 def main() -> None:

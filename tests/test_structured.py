@@ -155,3 +155,24 @@ def test_max_tokens_cut_is_length(smollm2):
     case = next(c for c in CASES if c["name"] == "recipe")
     r = smollm2.generate(_prompt(case), chat=True, json_schema=case["schema"], max_tokens=6)
     assert r.finish_reason == "length" and len(r.token_ids) == 6
+
+
+def test_server_returns_schema_valid_content_through_the_openai_client(smollm2_package):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    from _server import LiveServer
+
+    from onnxllm.serve import ServeOptions
+
+    case = next(c for c in CASES if c["name"] == "extraction")
+    with LiveServer(ServeOptions(models=(str(smollm2_package),))) as live:
+        client = live.openai()
+        for temperature in (0.0, 1.0):
+            answer = client.chat.completions.create(
+                model=smollm2_package.name, messages=[{"role": "user", "content": _prompt(case)}],
+                max_tokens=MAX_TOKENS, temperature=temperature, seed=7,
+                response_format={"type": "json_schema",
+                                 "json_schema": {"name": case["name"], "schema": case["schema"], "strict": True}})
+            choice = answer.choices[0]
+            assert choice.finish_reason == "stop", choice
+            _validator(case["schema"]).validate(json.loads(choice.message.content))
