@@ -1,5 +1,6 @@
 """The `onnxllm` command: each command parses, calls one API function (onnxllm.api, the only
-onnxllm module it imports besides errors, version and the server, a front end of its own) and prints."""
+onnxllm module it imports besides errors, version, terminal.py (its I/O) and the server, a front end of its
+own) and prints."""
 
 from __future__ import annotations
 
@@ -15,18 +16,9 @@ import click
 from . import api
 from .api import BenchOptions, GenerationConfig
 from .errors import OnnxLLMError
+from .terminal import (EXIT_ERROR, EXIT_INTERRUPTED, fail, interactive, progress, read_lines, read_prompt,
+                       read_text_file, stream_to_stdout)
 from .version import __version__
-
-EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
-
-
-def _progress(message: str) -> None:
-    click.echo(click.style(f"» {message}", fg="cyan"), err=True)
-
-
-def _fail(message: str) -> None:
-    click.echo(click.style("error: ", fg="red", bold=True) + message, err=True)
-
 
 def handle_errors(fn):
     """Known errors -> one line and exit 1; Ctrl-C -> exit 130; tracebacks only with --debug."""
@@ -41,7 +33,7 @@ def handle_errors(fn):
         except OnnxLLMError as exc:
             if debug:
                 raise
-            _fail(str(exc))
+            fail(str(exc))
             sys.exit(EXIT_ERROR)
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
@@ -49,7 +41,7 @@ def handle_errors(fn):
         except OSError as exc:
             if debug:
                 raise
-            _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+            fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
             sys.exit(EXIT_ERROR)
         except Exception:
             # Ctrl-C inside a C extension's import surfaces as ImportError, not KeyboardInterrupt.
@@ -97,7 +89,7 @@ def export(source, out_dir, dtype, verify, force, trust_remote_code, allow_pickl
     """Export SOURCE (HF folder, .gguf, catalog name or hub id) to an ONNX model package."""
     start = time.perf_counter()
     path = api.export(source, out_dir, dtype=dtype, verify=verify, force=force,
-                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=_progress)
+                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress)
     click.echo(f"exported {source} -> {path} in {time.perf_counter() - start:.1f}s")
 
 
@@ -121,93 +113,8 @@ def quantize(package, scheme, block_size, asymmetric, exclude, accuracy_level, l
     result = api.quantize(package, scheme, block_size=int(block_size), symmetric=not asymmetric,
                           exclude=tuple(exclude), accuracy_level=accuracy_level, lm_head_bits=head,
                           embed_bits=head, from_gguf=False if no_gguf else "auto", force=force,
-                          evaluate=not no_eval, progress=_progress)
+                          evaluate=not no_eval, progress=progress)
     click.echo(str(result))
-
-
-def _read_prompt(prompt: str | None) -> str | None:
-    if prompt is not None:
-        return prompt
-    if not sys.stdin.isatty():
-        data = sys.stdin.buffer.read()
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise OnnxLLMError(f"stdin is not valid UTF-8 (byte {exc.start}); pipe UTF-8 text") from None
-    return None
-
-
-def _read_text_file(path: str) -> str:
-    with open(path, "rb") as f:
-        try:
-            return f.read().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise OnnxLLMError(f"{path} is not UTF-8 text (byte {exc.start})") from None
-
-
-def _print_stats(timings) -> None:
-    if timings is None:
-        return
-    t = timings.as_dict()
-    click.echo(
-        click.style(
-            f"\n[prompt {t['prompt_tokens']} tok ({t['cached_tokens']} cached), "
-            f"prefill {t['prefill_tokens_per_s']} tok/s, "
-            f"first token {1000 * t['time_to_first_token_s']:.0f} ms, {t['generated_tokens']} tok at "
-            f"{t['decode_tokens_per_s']} tok/s; {t['accepted_tokens']}/{t['drafted_tokens']} drafted tokens accepted]",
-            dim=True),
-        err=True,
-    )
-
-
-def _stream_to_stdout(chunks, *, verbose: bool):
-    """Print deltas as they come; on Ctrl-C stop at once, keep what was printed, exit 130."""
-    last = None
-    try:
-        for chunk in chunks:
-            if chunk.text:
-                click.echo(chunk.text, nl=False)
-            last = chunk
-    except KeyboardInterrupt:
-        click.echo("", err=False)
-        click.echo("interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    click.echo()
-    if verbose and last is not None:
-        _print_stats(last.timings)
-    return last
-
-
-def _interactive(model, options: dict, system: str | None, verbose: bool) -> None:
-    chat = model.chat(system=system)
-    click.echo(click.style(f"chatting with {model.root.name} ({model.variant}, {model.placement.device}); "
-                           "/reset clears, /exit or Ctrl-D quits, Ctrl-C stops a reply", dim=True), err=True)
-    while True:
-        try:
-            text = click.prompt(click.style(">>>", fg="green", bold=True), prompt_suffix=" ", default="",
-                                show_default=False)
-        except (EOFError, KeyboardInterrupt, click.exceptions.Abort):
-            click.echo()
-            return
-        if text.strip() in ("/exit", "/quit", "/bye"):
-            return
-        if text.strip() == "/reset":
-            chat.reset()
-            continue
-        if not text.strip():
-            continue
-        last = None  # a turn that fails or is stopped before its first token has no stats to print
-        try:
-            for chunk in chat.send(text, **options):
-                click.echo(chunk.text, nl=False)
-                last = chunk
-        except KeyboardInterrupt:
-            click.echo(click.style(" [stopped]", dim=True), nl=False)
-        except OnnxLLMError as exc:
-            _fail(str(exc))
-        click.echo()
-        if verbose and last is not None:
-            _print_stats(last.timings)
 
 
 def _generation_options(gen: dict) -> dict:
@@ -215,9 +122,9 @@ def _generation_options(gen: dict) -> dict:
     options = {k: v for k, v in gen.items() if v not in (None, ())}
     schema = options.get("json_schema")
     if schema is not None and not schema.lstrip().startswith("{"):
-        options["json_schema"] = _read_text_file(schema)
+        options["json_schema"] = read_text_file(schema)
     if "grammar" in options:
-        options["grammar"] = _read_text_file(options["grammar"])
+        options["grammar"] = read_text_file(options["grammar"])
     return options
 
 
@@ -272,16 +179,16 @@ def run(model, prompt, system, chat_mode, device, threads, context, variant, as_
         if not as_json:
             raise OnnxLLMError("--logprobs goes with --json (the log-probabilities are printed in the JSON result)")
         options.update(logprobs=True, top_logprobs=top_logprobs)
-    m = api.load(model, device=device, variant=variant, threads=threads, context=context, progress=_progress)
+    m = api.load(model, device=device, variant=variant, threads=threads, context=context, progress=progress)
     m.config(**options)  # validate before reading stdin or starting a chat
     if m.placement.fallback_reason and (verbose or device != "auto"):
         click.echo(click.style(m.placement.fallback_reason, fg="yellow"), err=True)
-    text = _read_prompt(prompt)
+    text = read_prompt(prompt)
     use_chat = (m.template is not None) if chat_mode is None else chat_mode
     if text is None:
         if m.template is None:
             raise OnnxLLMError("this model has no chat template, so it cannot chat; give a PROMPT to complete")
-        _interactive(m, options, system, verbose)
+        interactive(m, options, system, verbose)
         return
     if as_json:
         result = m.generate(text, chat=use_chat, system=system, **options)
@@ -294,7 +201,7 @@ def run(model, prompt, system, chat_mode, device, threads, context, variant, as_
                                for lp in result.logprobs]
         click.echo(json.dumps(out, ensure_ascii=False))
         return
-    _stream_to_stdout(m.stream(text, chat=use_chat, system=system, **options), verbose=verbose)
+    stream_to_stdout(m.stream(text, chat=use_chat, system=system, **options), verbose=verbose)
 
 
 @cli.command()
@@ -308,9 +215,9 @@ def run(model, prompt, system, chat_mode, device, threads, context, variant, as_
 def chat(model, system, device, variant, verbose, **gen):
     """Interactive multi-turn chat with MODEL."""
     options = _generation_options(gen)
-    m = api.load(model, device=device, variant=variant, progress=_progress)
+    m = api.load(model, device=device, variant=variant, progress=progress)
     m.config(**options)
-    _interactive(m, options, system, verbose)
+    interactive(m, options, system, verbose)
 
 
 @cli.command()
@@ -319,7 +226,7 @@ def chat(model, system, device, variant, verbose, **gen):
 @handle_errors
 def info(model, as_json):
     """Architecture, context, variants (sizes, how made, quality), EOS ids, providers."""
-    data = api.info(model, progress=_progress)
+    data = api.info(model, progress=progress)
     click.echo(json.dumps(data, indent=2, default=str) if as_json else api.format_info(data))
 
 
@@ -331,7 +238,7 @@ def info(model, as_json):
 @handle_errors
 def eval_cmd(package, variant, text_file, tokens):
     """Perplexity, and KL / top-1 / greedy agreement against fp32."""
-    text = _read_text_file(text_file) if text_file else None
+    text = read_text_file(text_file) if text_file else None
     for report in api.evaluate(package, variant, text=text, tokens=tokens):
         click.echo(api.format_quality(report))
 
@@ -362,26 +269,17 @@ def bench(model, variant, prompt_tokens, gen_tokens, runs, threads, device, draf
             f"--prompt-tokens takes comma-separated integers like 64,512, got {prompt_tokens!r}") from None
     if not lengths or min(lengths) < 1:
         raise OnnxLLMError(f"--prompt-tokens must list lengths >= 1, got {prompt_tokens!r}")
-    text = _read_text_file(text_file) if text_file else None
+    text = read_text_file(text_file) if text_file else None
     result = api.bench(model, BenchOptions(variant=variant, prompt_tokens=lengths, gen_tokens=gen_tokens, runs=runs,
                                            threads=threads, device=device, draft_tokens=draft_tokens,
                                            prefill_chunk=prefill_chunk, text=text),
-                       progress=_progress)
+                       progress=progress)
     click.echo(json.dumps(result, indent=2) if as_json else api.format_bench(result))
-
-
-def _read_lines(path: str) -> list[str]:
-    """Non-empty lines of a UTF-8 file: one text each (a corpus, or texts to embed)."""
-    lines = [line.strip() for line in _read_text_file(path).splitlines()]
-    texts = [line for line in lines if line]
-    if not texts:
-        raise OnnxLLMError(f"{path} has no non-empty lines; put one text per line")
-    return texts
 
 
 def _load_embedding(model: str, variant: str | None, device: str, threads: int | None):
     # A text-generation package loads too; its embed() is the one-line "no embedding mode" error.
-    return api.load(model, device=device, variant=variant, threads=threads, progress=_progress)
+    return api.load(model, device=device, variant=variant, threads=threads, progress=progress)
 
 
 def embedding_options(fn):
@@ -409,9 +307,9 @@ def embedding_options(fn):
 @handle_errors
 def embed(model, texts, text_file, normalize, truncate, variant, device, threads, batch_size, as_json):
     """Embed TEXT... (or --file, or stdin lines) with an embedding MODEL: one vector per line."""
-    items = list(texts) + (_read_lines(text_file) if text_file else [])
+    items = list(texts) + (read_lines(text_file) if text_file else [])
     if not items:
-        piped = _read_prompt(None)
+        piped = read_prompt(None)
         items = [line.strip() for line in (piped or "").splitlines() if line.strip()]
     if not items:
         raise OnnxLLMError("nothing to embed: give TEXT arguments, --file FILE, or pipe lines on stdin")
@@ -439,7 +337,7 @@ def embed(model, texts, text_file, normalize, truncate, variant, device, threads
 @handle_errors
 def search(model, query, corpus_file, top_k, variant, device, threads, batch_size, as_json):
     """Rank the lines of --corpus by cosine similarity to QUERY; print the top hits."""
-    corpus = _read_lines(corpus_file)
+    corpus = read_lines(corpus_file)
     m = _load_embedding(model, variant, device, threads)
     hits = api.search(m, query, corpus, top_k=top_k, batch_size=batch_size)
     if as_json:
@@ -475,7 +373,7 @@ def serve(models, host, port, api_key, max_queue, keep_alive, cors, device, thre
                            threads=threads, context=context).validate()
     for warning in options.warnings():
         click.echo(click.style(f"warning: {warning}", fg="yellow"), err=True)
-    run_server(options, progress=_progress)
+    run_server(options, progress=progress)
 
 
 def _human_bytes(n: int) -> str:

@@ -60,7 +60,7 @@ FLOORS = [
     ("api",),
     ("serve",),  # the HTTP front end, over the API
     ("onnxllm",),  # the package root: re-exports the API
-    ("cli",),  # the command line: the API, and `serve` for its one command
+    ("cli", "terminal"),  # the command line (terminal.py: its I/O): the API, and `serve` for its one command
 ]
 
 

@@ -29,9 +29,10 @@ def test_no_import_points_up_a_floor():
 
 
 def test_cli_imports_the_api_only():
-    """Besides the API, only errors, the version and the server (its own front end over the API)."""
+    """Besides the API: errors, the version, its terminal I/O and the server (a front end over the API)."""
     mapping = _layers_script().layer_map(ROOT / "onnxllm")
-    assert set(mapping["cli"]) == {"api", "errors", "version", "serve"}  # serve: the server, a front end too
+    assert set(mapping["cli"]) == {"api", "errors", "version", "serve", "terminal"}  # terminal: its own I/O half
+    assert set(mapping["terminal"]) == {"errors"}
 
 
 def test_the_script_prints_the_map():
