@@ -262,3 +262,29 @@ def test_cli_bad_input_is_one_line(encoders, tmp_path, package):
         proc = _cli(*args, stdin="")
         assert proc.returncode == 1, (args, proc.stderr)
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, (args, proc.stderr)
+
+
+def test_decoder_embedding_model_pools_the_last_token(tmp_path):
+    """A decoder family with sentence-transformers files asking for last-token pooling exports as embeddings."""
+    import torch
+    from _tiny import make_tiny_checkpoint
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = make_tiny_checkpoint(tmp_path, "llama")
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_lasttoken": True}))
+    model = onnxllm.load(onnxllm.export(folder, tmp_path / "pkg"))
+    assert model.manifest.embedding.pooling == "lasttoken" and model.manifest.embedding.normalize
+    got = model.embed(TEXTS)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    torch_model = AutoModel.from_pretrained(str(folder)).eval()
+    for i, text in enumerate(TEXTS):  # one at a time: no padding in the reference
+        ids = torch.tensor([tok(text, add_special_tokens=True)["input_ids"]])
+        with torch.no_grad():
+            last = torch_model(input_ids=ids).last_hidden_state[0, -1]
+        np.testing.assert_allclose(got[i], torch.nn.functional.normalize(last, dim=0).numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(model.embed(TEXTS, batch_size=1), got, atol=1e-6, rtol=0)
