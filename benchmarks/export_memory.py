@@ -62,8 +62,8 @@ export(ARGS["ckpt"], ARGS["out"], options=ExportOptions(verify=ARGS["verify"], f
 print(json.dumps({}))
 """
 _QUANTIZE = """
-from onnxllm.quantize import quantize
-quantize(ARGS["pkg"], ARGS["scheme"], evaluate=False, force=True)
+from onnxllm.quantize import QuantizeOptions, quantize
+quantize(ARGS["pkg"], ARGS["scheme"], QuantizeOptions(evaluate=False, force=True))
 print(json.dumps({}))
 """
 _PRELUDE = "import json, resource, sys, time\nARGS = json.loads(sys.argv[1])\n_t = time.perf_counter()\n"
