@@ -10,7 +10,21 @@ from ..methods import method_dict
 from ..package import Manifest, onnx_bytes, safe_path
 
 
-def package_info(root: Path, manifest: Manifest, *, providers=None) -> dict:
+def _how_read(method: dict) -> str:
+    """One line: what a foreign graph's operators and types said (see readers/graph.py)."""
+    parts = []
+    for op, q in method.get("quantization", {}).items():
+        bits = f" {'/'.join(map(str, q['bits']))}-bit" if q.get("bits") else ""
+        block = f" block {'/'.join(map(str, q['block_size']))}" if q.get("block_size") else ""
+        parts.append(f"{op}{bits}{block} x{q['nodes']}")
+    if method.get("float16_weights"):
+        parts.append(f"{method['float16_weights']}/{method['weights']} float16 tensors")
+    parts.append(f"{method.get('attention')} attention, {method.get('kv_cache')}")
+    return f"read from the graph ({method.get('reader')}): " + ", ".join(parts)
+
+
+def package_info(root: Path, manifest: Manifest, *, providers=None, layout: str = "onnxllm",
+                 skipped: dict | None = None) -> dict:
     import onnxruntime as ort
 
     quality = {}
@@ -45,6 +59,8 @@ def package_info(root: Path, manifest: Manifest, *, providers=None) -> dict:
         "execution_providers_here": ort.get_available_providers(),
         "device_selected": getattr(providers, "device", None),
         "kind": manifest.kind,
+        "layout": layout,  # which reader read the folder
+        "skipped": skipped or {},  # files that cannot run, and why
         "embedding": asdict(manifest.embedding) if manifest.embedding else None,
     }
 
@@ -67,6 +83,8 @@ def format_info(info: dict) -> str:
         f"eos ids        {info['eos_token_ids']}   bos id {info['bos_token_id']}",
         f"chat template  {'yes' if info['chat_template'] else 'no'}",
         f"source         {info['source'].get('kind', '?')}: {info['source'].get('name', '?')}",
+        *([f"layout         {info['layout']} (read from its own files; not an onnxllm package)"]
+          if info.get("layout", "onnxllm") != "onnxllm" else []),
         "variants:",
     ]
     e = info.get("embedding")
@@ -78,6 +96,8 @@ def format_info(info: dict) -> str:
         how = v["method"].get("operator") or v["method"].get("exporter") or ""
         extra = f" (default on {', '.join(defaults)})" if defaults else ""
         lines.append(f"  {name:<6} {_human(v['bytes']):>10}  {v['file']}  {how}{extra}")
+        if v["method"].get("read_from") == "graph":
+            lines.append(f"         {v['scheme']}, {v['dtype']} KV: {_how_read(v['method'])}")
         q = v.get("quality")
         if isinstance(q, dict) and "perplexity" in q:
             parts = [f"perplexity {q['perplexity']:.3f}"]
@@ -89,5 +109,7 @@ def format_info(info: dict) -> str:
         if v["method"].get("min_cosine_to_fp32") is not None:
             lines.append(f"         cosine to fp32: min {v['method']['min_cosine_to_fp32']:.4f}, "
                          f"mean {v['method']['mean_cosine_to_fp32']:.4f}")
+    for file, why in info.get("skipped", {}).items():
+        lines.append(f"  skipped {file}: {why}")
     lines.append(f"providers here {', '.join(info['execution_providers_here'])}")
     return "\n".join(lines)
