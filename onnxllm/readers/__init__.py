@@ -37,8 +37,8 @@ def _root_of(path: Path) -> tuple[Path, str]:
             return candidate, "hf"
     what = "folder" if path.is_dir() else "file's folder"
     raise InvalidPackageError(
-        f"{path}: the {what} has no {MANIFEST}, genai_config.json, or config.json beside .onnx files, so it is not "
-        "a model folder onnxllm can read; export one with `onnxllm export SOURCE -o FOLDER`"
+        f"{path}: the {what} has no {MANIFEST}, genai_config.json, or config.json beside .onnx files: it is not an "
+        "onnxllm package nor a folder onnxllm can read; export one with `onnxllm export SOURCE -o FOLDER`"
     )
 
 
