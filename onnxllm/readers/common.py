@@ -8,10 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidPackageError
-from ..package import Architecture, Manifest, Variant, safe_path
+from ..package import FORMAT_VERSION, Architecture, Manifest, Variant, safe_path
 from .graph import GraphFacts
-
-FORMAT_VERSION = 1
 
 
 def read_json(root: Path, name: str, *, required: bool = False) -> dict:
