@@ -107,25 +107,12 @@ def load(model: str | os.PathLike, device: str = _LOAD.device, variant: str | No
          progress: Progress | None = None) -> Model | EmbeddingModel:
     """Load a package folder, a path to its .onnx, or a catalog name (exported on first use).
 
-    Folders made by onnxruntime-genai's builder, optimum or transformers.js (onnx/model_*.onnx) load too;
-    `variant` picks one of their files (`onnxllm info` lists them).
-
     An embedding package loads as an EmbeddingModel (`embed`, `search`); a decoder as a Model.
 
     `prefill_chunk`: prompts longer than this are fed this many tokens per pass (0: all at once)."""
     path = resolve_model(model, progress=progress)
     return load_package(path, LoadOptions(device=device, variant=variant, threads=threads, context=context,
                                           kv_mode=kv_mode, io_binding=io_binding, prefill_chunk=prefill_chunk))
-
-
-def import_folder(folder: str | os.PathLike, out: str | os.PathLike, *, copy: bool = False,
-                  force: bool = False) -> Path:
-    """An onnxllm package at `out` from a folder onnxruntime-genai, optimum or transformers.js made.
-
-    The graphs and weights are hard-linked (or copied, `copy=True`); the folder itself is never modified."""
-    from .readers.importer import import_folder as _import
-
-    return _import(folder, out, copy=copy, force=force)
 
 
 def generate(model: Model | str | os.PathLike, prompt, config: GenerationConfig | None = None,
@@ -144,11 +131,10 @@ def stream(model: Model | str | os.PathLike, prompt, config: GenerationConfig | 
 
 def info(model: str | os.PathLike, *, progress: Progress | None = None) -> dict:
     """What a package holds (architecture, context, variants with size, how made and quality, EOS ids)."""
-    from .readers import open_folder
     from .runtime.info import package_info
 
-    folder = open_folder(resolve_model(model, progress=progress))  # a package, or a folder another tool made
-    return package_info(folder.root, folder.manifest, layout=folder.layout, skipped=folder.skipped)
+    root = find_package_root(resolve_model(model, progress=progress))
+    return package_info(root, read_manifest(root))
 
 
 def format_info(data: dict) -> str:
@@ -163,11 +149,10 @@ def evaluate(package: str | os.PathLike, variant: str | None = None, *, text: st
     """Perplexity, KL, top-1 and greedy agreement of a package's variants against its base (fp32, else fp16).
 
     `variant` None: every quantized variant (the base alone when there is none); `text` None: Hamlet.
-    Each report is also saved into the package's quality.json (a folder another tool made is only read)."""
+    Each report is also saved into the package's quality.json."""
     from .quantize.quality import base_variant, evaluate as _evaluate
-    from .readers import open_folder
 
-    manifest = open_folder(package).manifest
+    manifest = read_manifest(package)
     base = base_variant(manifest)
     quantized = [v for v in manifest.variants if v != base]
     names = [variant] if variant else quantized or [base or next(iter(manifest.variants))]
@@ -228,7 +213,7 @@ def quantize(package: str | os.PathLike, scheme: str, options: QuantizeOptions |
              from_gguf: bool | Literal["auto"] | None = None, lm_head_bits: int | None = None,
              embed_bits: int | None = None, eval_tokens: int | None = None,
              progress: Progress | None = None) -> QuantizeResult:
-    """Add an int8, int4 or int8-dynamic variant to a package and measure what it costs in quality.
+    """Add an int8, int4, int8-dynamic or gguf variant to a package and measure what it costs in quality.
 
     `options` (QuantizeOptions, its defaults when None) with the keywords given (not None) changed;
     the fields are described there."""

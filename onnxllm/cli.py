@@ -95,8 +95,9 @@ def export(source, out_dir, dtype, verify, force, trust_remote_code, allow_pickl
 
 @cli.command()
 @click.argument("package", type=click.Path())
-@click.option("--scheme", type=click.Choice(["int8", "int4", "int8-dynamic"]), required=True,
-              help="int8: the default CPU variant; int4: smallest; int8-dynamic: int8 with a faster prefill (CPU)")
+@click.option("--scheme", type=click.Choice(["int8", "int4", "int8-dynamic", "gguf"]), required=True,
+              help="int8: the default CPU variant; int4: smallest; int8-dynamic: int8 with a faster prefill (CPU); "
+                   "gguf: the source GGUF's own blocks, each tensor at its own precision (lossless)")
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
 @click.option("--asymmetric", is_flag=True, help="Asymmetric (zero-point) quantization.")
 @click.option("--exclude", multiple=True, help="Node name or glob pattern to keep in full precision (repeatable).")
@@ -115,18 +116,6 @@ def quantize(package, scheme, block_size, asymmetric, exclude, accuracy_level, l
                           embed_bits=head, from_gguf=False if no_gguf else "auto", force=force,
                           evaluate=not no_eval, progress=progress)
     click.echo(str(result))
-
-
-@cli.command(name="import")
-@click.argument("folder", type=click.Path())
-@click.option("-o", "--output", "out", type=click.Path(), required=True, help="Package folder to write.")
-@click.option("--copy", is_flag=True, help="Copy the graphs and weights (default: hard links where possible).")
-@click.option("--force", is_flag=True, help="Replace an existing package at OUTPUT.")
-@handle_errors
-def import_cmd(folder, out, copy, force):
-    """Make an onnxllm package from an onnxruntime-genai, optimum or transformers.js FOLDER (no re-export)."""
-    path = api.import_folder(folder, out, copy=copy, force=force)
-    click.echo(f"imported {folder} -> {path}")
 
 
 def _generation_options(gen: dict) -> dict:
@@ -193,9 +182,6 @@ def run(model, prompt, system, chat_mode, device, threads, context, variant, as_
         options.update(logprobs=True, top_logprobs=top_logprobs)
     m = api.load(model, device=device, variant=variant, threads=threads, context=context, progress=progress)
     m.config(**options)  # validate before reading stdin or starting a chat
-    if verbose:
-        for note in m.notes:
-            click.echo(note, err=True)
     if m.placement.fallback_reason and (verbose or device != "auto"):
         click.echo(click.style(m.placement.fallback_reason, fg="yellow"), err=True)
     text = read_prompt(prompt)
@@ -232,9 +218,6 @@ def chat(model, system, device, variant, verbose, **gen):
     options = _generation_options(gen)
     m = api.load(model, device=device, variant=variant, progress=progress)
     m.config(**options)
-    if verbose:
-        for note in m.notes:
-            click.echo(note, err=True)
     interactive(m, options, system, verbose)
 
 

@@ -121,9 +121,9 @@ def test_synthetic_write_files_round_trip(tmp_path):
     assert "chat_template.jinja" not in write_tokenizer_files(info2, tmp_path / "out2")
 
 
-def test_sentencepiece_model_is_unsupported(tmp_path):
-    with pytest.raises(UnsupportedModelError, match="'llama'"):
-        read_gguf_tokenizer(_write_gguf(tmp_path / "t.gguf", model="llama"))
+def test_other_tokenizer_models_are_unsupported(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="'bert'"):
+        read_gguf_tokenizer(_write_gguf(tmp_path / "t.gguf", model="bert"))
 
 
 def test_unknown_pre_tokenizer_is_unsupported(tmp_path):
@@ -284,3 +284,46 @@ def test_smollm2_random_text_matches_reference_algorithm(smollm2):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 25)))
         expected = _llama_cpp_like(text, vocab, ranks, specials)
         assert tok.encode(text, add_special_tokens=False).ids == expected, repr(text)
+
+
+# --------------------------------------------------------------------------- SentencePiece, against llama.cpp
+
+IDS_FIXTURE = Path(__file__).parent / "fixtures" / "gguf_tokenizer_ids.json"
+
+
+def _llama_cpp_ids() -> dict:
+    if not IDS_FIXTURE.is_file():
+        pytest.skip(f"{IDS_FIXTURE.name} is missing: python scripts/make_gguf_fixtures.py records llama.cpp's ids "
+                    "(needs the llama-cpp-python peer venv, bash benchmarks/setup_peers.sh llamacpp)")
+    return json.loads(IDS_FIXTURE.read_text(encoding="utf-8"))
+
+
+def test_sentencepiece_structure(tmp_path):
+    """What llama.cpp's SPM loop does, checked without it: a space before the text and after each special
+    token, pieces merged by score, bytes for what no piece covers, BOS added."""
+    from _gguf import write_spm_vocab
+
+    info = read_gguf_tokenizer(write_spm_vocab(tmp_path / "spm.gguf"))
+    assert info.kind == "llama" and info.add_bos_token and info.bos_token_id == 1
+    enc = info.tokenizer.encode("<|user|>Hi the\u00e9")
+    assert enc.tokens == ["<s>", "<|user|>", "\u2581", "Hi", "\u2581the", "<0xC3>", "<0xA9>"]
+    assert info.tokenizer.decode(enc.ids, skip_special_tokens=True) == "Hi the\u00e9"
+    no_prefix = read_gguf_tokenizer(write_spm_vocab(tmp_path / "spm0.gguf", add_space_prefix=False))
+    assert no_prefix.tokenizer.encode("the").tokens[1:] == ["t", "he"]
+
+
+@pytest.mark.parametrize("vocab", ["spm", "spm_no_space_prefix"])
+def test_sentencepiece_ids_match_llama_cpp(tmp_path, vocab):
+    from _gguf import write_spm_vocab
+
+    fixture = _llama_cpp_ids()
+    path = write_spm_vocab(tmp_path / "v.gguf", add_space_prefix=vocab == "spm")
+    tok = read_gguf_tokenizer(path).tokenizer
+    for text, expected in zip(fixture["texts"], fixture["ids"][vocab]):
+        assert tok.encode(text).ids == expected, text
+
+
+def test_smollm2_text_set_matches_llama_cpp(smollm2):
+    fixture = _llama_cpp_ids()
+    for text, expected in zip(fixture["texts"], fixture["ids"]["smollm2"]):
+        assert smollm2.tokenizer.encode(text).ids == expected, text

@@ -128,19 +128,16 @@ def _as_list(value) -> list[int]:
 
 
 def _load_gguf(src: Source) -> _Loaded:
-    from transformers import AutoModelForCausalLM
-
+    from .gguf_model import load_gguf_model
     from .gguf_tokenizer import read_gguf_tokenizer, write_tokenizer_files
 
     info = read_gguf_tokenizer(src.path)
-    model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name, dtype="float32")
-    # transformers' GGUF conversion gets special tokens wrong for some models (SmolLM2's <|im_start|> as BOS
-    # and EOS in 4.57, for one; gguf_tokenizer.py reads them from the GGUF itself): ours win.
-    model.config.eos_token_id = info.eos_token_id
-    model.config.bos_token_id = info.bos_token_id
+    # Our own reader (gguf_model.py): transformers' GGUF loader reads some families wrong (FACTS.md).
+    model, _ = load_gguf_model(src.path, bos=info.bos_token_id, eos=info.eos_token_id)
     if info.pad_token_id is not None:
         model.config.pad_token_id = info.pad_token_id
-    return _Loaded(model, _as_list(info.eos_token_id), info.bos_token_id, info.add_bos_token, info.chat_template,
+    eos = _as_list(info.eos_token_id) + [i for i in info.end_of_turn_ids if i != info.eos_token_id]
+    return _Loaded(model, eos, info.bos_token_id, info.add_bos_token, info.chat_template,
                    lambda out: write_tokenizer_files(info, out))
 
 
@@ -229,8 +226,11 @@ def _genai_config(w: DecoderWeights, io: DecoderIO, loaded: _Loaded, onnx_file: 
 
 def _source_record(src: Source) -> dict:
     if src.kind == "gguf":
+        from .gguf_model import check_gguf_file
+
         return {"kind": "gguf", "name": src.name, "catalog": src.catalog, "file": src.path.name,
-                "path": str(src.path.resolve()), "sha256": sha256_file(src.path)}
+                "path": str(src.path.resolve()), "sha256": sha256_file(src.path),
+                "tensor_types": check_gguf_file(src.path)}
     files = sorted(src.path.glob("*.safetensors"))
     digest = ",".join(sha256_file(f)[:16] for f in files)
     return {"kind": "hf", "name": src.name, "path": str(src.path), "sha256_safetensors": digest}

@@ -5,7 +5,10 @@ and EOS and ignores llama.cpp's pre-tokenizer (``tokenizer.ggml.pre``), so digit
 and ids differ from what the model was trained and quantized with. Here the pre-tokenizer is
 mapped from llama.cpp's own table (``src/llama-vocab.cpp``: ``llm_tokenizer_bpe`` regexes and the
 ``tokenizer_pre`` -> pre-type switch), and special-token / BOS handling follows llama.cpp's
-loader. Only byte-level BPE (``tokenizer.ggml.model == "gpt2"``) is supported.
+loader. Two vocabulary kinds: byte-level BPE (``tokenizer.ggml.model == "gpt2"``) and SentencePiece
+(``"llama"``: Llama 2, Mistral, Gemma, Phi-3), which llama.cpp tokenizes by merging the pair whose
+merged piece scores highest, falling back to ``<0xXX>`` byte tokens, and (``add_space_prefix``)
+with a space before the text and after every special token.
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from onnxllm.errors import InvalidPackageError, ModelNotFoundError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
 # llama.cpp's token types (gguf.TokenType); kept literal so reading needs no enum lookups.
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+_SPACE = "\u2581"  # SentencePiece's visible space
 
 # The regexes llama.cpp uses for each pre-tokenizer family (llama-vocab.cpp, llm_tokenizer_bpe).
 # The llama3/qwen2 ones are llama.cpp's "adapted" forms of the tokenizer.json regexes
@@ -51,6 +55,7 @@ class _PreSpec:
 _GPT2 = _PreSpec("gpt2")
 _DIGITS_GPT2 = _PreSpec("digits+gpt2")  # "\p{N}" split first, then the GPT-2 regex
 _LLAMA3 = _PreSpec("regex", _LLAMA3_RE, ignore_merges=True, add_bos=True)
+_SPM = _PreSpec("spm", add_bos=True, clean_spaces=False)  # SentencePiece: llama.cpp adds BOS by default
 
 # tokenizer.ggml.pre -> spec. Only names whose llama.cpp behaviour is reproduced exactly by a
 # tokenizers pipeline; anything else raises rather than silently tokenizing differently.
@@ -81,6 +86,8 @@ class GGUFTokenizerInfo:
     add_eos_token: bool = False
     model_max_length: int | None = None  # <arch>.context_length
     clean_up_tokenization_spaces: bool = False
+    end_of_turn_ids: tuple[int, ...] = ()  # tokenizer.ggml.eot_token_id / eom_token_id: also stop generation
+    kind: str = "gpt2"  # tokenizer.ggml.model: gpt2 (byte-level BPE) | llama (SentencePiece)
 
 
 def _open(path: Path):
@@ -121,6 +128,42 @@ def _build_pre_tokenizer(spec: _PreSpec):
     )
 
 
+def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to llama.cpp's SentencePiece loop (llm_tokenizer_spm): a pair of pieces
+    merges when the joined text is a normal/user-defined token, the highest-scoring joined piece first
+    (ties: the lower id, which SentencePiece scores no lower)."""
+    piece = {t: i for i, t in enumerate(tokens) if types[i] in (_NORMAL, _USER_DEFINED, _UNUSED)}
+    found = []
+    for text, i in piece.items():
+        for cut in range(1, len(text)):
+            left, right = text[:cut], text[cut:]
+            if left in piece and right in piece:
+                found.append((-scores[i], i, piece[left], piece[right], left, right))
+    found.sort()
+    return [(left, right) for *_, left, right in found]
+
+
+def _spm_tokenizer(path: Path, tokens: list[str], scores: list[float], types: list[int], unk_id: int | None,
+                   add_space_prefix: bool) -> tokenizers.Tokenizer:
+    """SentencePiece as llama.cpp runs it: spaces as U+2581, a space before every stretch of text that
+    starts the input or follows a special token (add_space_prefix), piece merges by score, byte fallback."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk = tokens[unk_id] if unk_id is not None else None
+    try:
+        bpe = models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores, types), unk_token=unk, fuse_unk=True,
+                         byte_fallback=True)
+    except Exception as e:
+        raise InvalidPackageError(f"{path}: inconsistent SentencePiece vocabulary: {e}") from e
+    tok = tokenizers.Tokenizer(bpe)
+    # A normalizer, not Metaspace: Metaspace skips its prefix when the text already starts with a space,
+    # llama.cpp does not (" a" -> "▁▁a"). Added tokens are cut out first, so each stretch is prefixed.
+    steps = [normalizers.Prepend(_SPACE)] if add_space_prefix else []
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", _SPACE)])
+    strip = [decoders.Strip(" ", 1, 0)] if add_space_prefix else []
+    tok.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    return tok
+
+
 def _token_id(reader, key: str, n_vocab: int) -> int | None:
     value = _field(reader, key)
     # llama.cpp ignores an out-of-range id (with a warning); so do we.
@@ -145,14 +188,13 @@ def read_gguf_tokenizer(path: str | os.PathLike) -> GGUFTokenizerInfo:
         model_kind = _field(reader, "tokenizer.ggml.model")
         if model_kind is None:
             raise InvalidPackageError(f"{path} has no tokenizer metadata (tokenizer.ggml.model).")
-        if model_kind != "gpt2":
+        if model_kind not in ("gpt2", "llama"):
             raise UnsupportedModelError(
-                f"{path}: tokenizer model {model_kind!r} is not supported; only byte-level BPE "
-                "('gpt2') GGUF tokenizers can be converted (SentencePiece 'llama', 'bert', 't5', ... "
-                "cannot). Use the model's original Hugging Face tokenizer instead."
+                f"{path}: tokenizer model {model_kind!r} is not supported; supported: byte-level BPE ('gpt2') "
+                "and SentencePiece ('llama'). Use the model's original Hugging Face tokenizer instead."
             )
         pre_name = _field(reader, "tokenizer.ggml.pre") or "default"  # llama.cpp's fallback too
-        spec = _PRE_TOKENIZERS.get(pre_name)
+        spec = _PRE_TOKENIZERS.get(pre_name) if model_kind == "gpt2" else _SPM
         if spec is None:
             raise UnsupportedModelError(
                 f"{path}: llama.cpp pre-tokenizer {pre_name!r} is not supported; supported: "
@@ -160,8 +202,11 @@ def read_gguf_tokenizer(path: str | os.PathLike) -> GGUFTokenizerInfo:
             )
         tokens = list(_field(reader, "tokenizer.ggml.tokens") or [])
         merges_raw = _field(reader, "tokenizer.ggml.merges")
-        if not tokens or merges_raw is None:
+        scores = _field(reader, "tokenizer.ggml.scores")
+        if not tokens or (model_kind == "gpt2" and merges_raw is None):
             raise InvalidPackageError(f"{path}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing.")
+        if model_kind == "llama" and (scores is None or len(scores) < len(tokens)):
+            raise InvalidPackageError(f"{path}: a SentencePiece vocabulary needs tokenizer.ggml.scores for every token.")
         types = list(_field(reader, "tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
         if len(types) < len(tokens):
             raise InvalidPackageError(f"{path}: fewer token types ({len(types)}) than tokens ({len(tokens)}).")
@@ -173,10 +218,9 @@ def read_gguf_tokenizer(path: str | os.PathLike) -> GGUFTokenizerInfo:
                 raise InvalidPackageError(f"{path}: duplicate token {text!r} (ids {vocab[text]} and {i}).")
             vocab[text] = i
             tokens[i] = text
-        # llama.cpp splits a merge at the first space after position 0 (word.find(' ', 1)).
         merges = []
-        for m in merges_raw:
-            cut = m.find(" ", 1)
+        for m in merges_raw or []:
+            cut = m.find(" ", 1)  # llama.cpp splits a merge at the first space after position 0
             if cut < 0:
                 raise InvalidPackageError(f"{path}: malformed BPE merge {m!r}.")
             merges.append((m[:cut], m[cut + 1 :]))
@@ -186,8 +230,11 @@ def read_gguf_tokenizer(path: str | os.PathLike) -> GGUFTokenizerInfo:
         eos_id = _token_id(reader, "tokenizer.ggml.eos_token_id", n)
         pad_id = _token_id(reader, "tokenizer.ggml.padding_token_id", n)
         unk_id = _token_id(reader, "tokenizer.ggml.unknown_token_id", n)
+        eot_ids = tuple(i for i in (_token_id(reader, "tokenizer.ggml.eot_token_id", n),
+                                    _token_id(reader, "tokenizer.ggml.eom_token_id", n)) if i is not None)
         add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", spec.add_bos))
         add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
+        add_space_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
         chat_template = _field(reader, "tokenizer.chat_template")
         arch = _field(reader, "general.architecture")
         ctx = _field(reader, f"{arch}.context_length") if arch else None
@@ -198,13 +245,16 @@ def read_gguf_tokenizer(path: str | os.PathLike) -> GGUFTokenizerInfo:
             f"{path} is not a valid GGUF file ({type(e).__name__}): broken tokenizer metadata: {e}"
         ) from e
 
-    try:
-        bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=spec.ignore_merges, fuse_unk=False)
-    except Exception as e:  # e.g. a merge whose parts or result are not in the vocab
-        raise InvalidPackageError(f"{path}: inconsistent BPE vocab/merges: {e}") from e
-    tok = tokenizers.Tokenizer(bpe)
-    tok.pre_tokenizer = _build_pre_tokenizer(spec)
-    tok.decoder = decoders.ByteLevel()
+    if model_kind == "llama":
+        tok = _spm_tokenizer(path, tokens, [float(x) for x in scores], types, unk_id, add_space_prefix)
+    else:
+        try:
+            bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=spec.ignore_merges, fuse_unk=False)
+        except Exception as e:  # e.g. a merge whose parts or result are not in the vocab
+            raise InvalidPackageError(f"{path}: inconsistent BPE vocab/merges: {e}") from e
+        tok = tokenizers.Tokenizer(bpe)
+        tok.pre_tokenizer = _build_pre_tokenizer(spec)
+        tok.decoder = decoders.ByteLevel()
 
     # llama.cpp's tokenizer_st_partition (parse_special=True) cuts out CONTROL, USER_DEFINED and
     # UNKNOWN tokens before BPE; registering them as added tokens gives the same split. Only
@@ -218,7 +268,7 @@ def read_gguf_tokenizer(path: str | os.PathLike) -> GGUFTokenizerInfo:
     tok.add_tokens(added)
 
     # ByteLevel keeps offsets byte-level-aware; the template adds BOS/EOS only when llama.cpp would.
-    steps = [processors.ByteLevel(trim_offsets=False)]
+    steps = [processors.ByteLevel(trim_offsets=False)] if model_kind == "gpt2" else []
     if (add_bos and bos_id is not None) or (add_eos and eos_id is not None):
         pre = [tokens[bos_id]] if add_bos and bos_id is not None else []
         post = [tokens[eos_id]] if add_eos and eos_id is not None else []
@@ -230,7 +280,8 @@ def read_gguf_tokenizer(path: str | os.PathLike) -> GGUFTokenizerInfo:
                 special_tokens=list(ids.items()),
             )
         )
-    tok.post_processor = processors.Sequence(steps) if len(steps) > 1 else steps[0]
+    if steps:
+        tok.post_processor = processors.Sequence(steps) if len(steps) > 1 else steps[0]
 
     special = {
         name: tokens[i]
@@ -248,6 +299,8 @@ def read_gguf_tokenizer(path: str | os.PathLike) -> GGUFTokenizerInfo:
         add_eos_token=add_eos,
         model_max_length=int(ctx) if ctx else None,
         clean_up_tokenization_spaces=spec.clean_spaces,
+        end_of_turn_ids=tuple(i for i in eot_ids if i != eos_id),
+        kind=model_kind,
     )
 
 

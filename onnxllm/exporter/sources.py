@@ -17,9 +17,6 @@ from ..errors import InvalidPackageError, ModelNotFoundError, OfflineError, Unsu
 from .architectures import check_supported
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# GGUF tensor types the exporter reads (by gguf.GGMLQuantizationType name).
-SUPPORTED_GGUF_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-                        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 
 
 @dataclass(frozen=True)
@@ -58,23 +55,11 @@ def _check_hf_folder(folder: Path, *, allow_pickle: bool) -> None:
 
 
 def check_gguf(path: Path) -> None:
-    """Reject a corrupt GGUF, or one with tensor types the exporter does not read, before loading it."""
-    import gguf
+    """Reject a corrupt GGUF, one with tensor types the exporter does not read, an architecture out of the
+    registry or missing metadata, before loading it (gguf_model.check_gguf_file)."""
+    from .gguf_model import check_gguf_file
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError, struct.error, IndexError... on garbage
-        raise InvalidPackageError(f"{path} is not a valid GGUF file ({type(exc).__name__}: {exc})") from None
-    kinds = {gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors}
-    unsupported = sorted(kinds - SUPPORTED_GGUF_TYPES)
-    if unsupported:
-        raise UnsupportedModelError(
-            f"{path.name} uses GGUF tensor types {', '.join(unsupported)}, which the exporter does not handle; "
-            f"supported: {', '.join(sorted(SUPPORTED_GGUF_TYPES))}"
-        )
-    arch_field = reader.fields.get("general.architecture")
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "unknown"
-    check_supported(arch)
+    check_gguf_file(path)
 
 
 def _download(hub_id: str) -> Path:

@@ -19,8 +19,7 @@ import numpy as np
 
 from ..decoder_io import DecoderIO
 from ..errors import InvalidPackageError, QuantizeError
-from ..package import Manifest, safe_path, write_text_atomic
-from ..readers import open_folder
+from ..package import Manifest, read_manifest, safe_path, write_text_atomic
 
 QUALITY_FILE = "quality.json"
 GREEDY_PROMPT_TOKENS = 16
@@ -81,8 +80,7 @@ def hamlet_text() -> str:
 class DecoderRunner:
     """Full-sequence logits of one decoder .onnx, fed as onnxllm's graphs expect (see exporter/verify.py)."""
 
-    def __init__(self, onnx_path: str | os.PathLike, manifest: Manifest, *, threads: int = 0,
-                 variant: str | None = None):
+    def __init__(self, onnx_path: str | os.PathLike, manifest: Manifest, *, threads: int = 0):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -93,7 +91,7 @@ class DecoderRunner:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - ORT's pybind errors share no useful base class
             raise InvalidPackageError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from None
-        self.io = DecoderIO.from_manifest(manifest, variant)
+        self.io = DecoderIO.from_manifest(manifest)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """(len(ids), vocab) float32 logits for one sequence."""
@@ -116,10 +114,8 @@ def decode_speed(package_dir: str | os.PathLike, variant: str, *, new_tokens: in
     """
     import time
 
-    folder = open_folder(package_dir)
-    manifest = folder.manifest
-    runner = DecoderRunner(safe_path(folder.root, manifest.variants[variant].file), manifest, threads=threads,
-                           variant=variant)
+    manifest = read_manifest(package_dir)
+    runner = DecoderRunner(safe_path(package_dir, manifest.variants[variant].file), manifest, threads=threads)
     io = runner.io
     best = float("inf")
     for _ in range(repeats):
@@ -202,11 +198,9 @@ def evaluate(package_dir: str | os.PathLike, variant: str, *, text: str | None =
     """Compare `variant` of a package with its `reference` variant on `text` (default: Hamlet).
 
     `reference` None: the variant the package's quantized variants are made from (fp32, else fp16).
-    Saves the report into the package's quality.json (keyed by variant) unless save=False; a folder made by
-    another tool is only read, never written.
+    Saves the report into the package's quality.json (keyed by variant) unless save=False.
     """
-    folder = open_folder(package_dir)
-    manifest, package_dir = folder.manifest, folder.root
+    manifest = read_manifest(package_dir)
     if manifest.kind == "embedding":  # perplexity needs logits; quantize records an embedding variant's cosine
         raise QuantizeError(f"{package_dir} is an embedding package: eval scores text generation; its int8 "
                             "variant's cosine to fp32 is in `onnxllm info`")
@@ -222,10 +216,9 @@ def evaluate(package_dir: str | os.PathLike, variant: str, *, text: str | None =
     max_tokens = min(max_tokens, manifest.architecture.context_length)
     label = "hamlet" if text is None else "custom"
     ids = tokenize(package_dir, manifest, hamlet_text() if text is None else text, max_tokens)
-    runners = [DecoderRunner(safe_path(package_dir, manifest.variants[n].file), manifest, variant=n)
-               for n in (variant, reference)]
+    runners = [DecoderRunner(safe_path(package_dir, manifest.variants[n].file), manifest) for n in (variant, reference)]
     report = compare(*runners, ids, variant_name=variant, reference_name=reference, text_label=label,
                      greedy_tokens=greedy_tokens)
-    if save and folder.layout == "onnxllm":
+    if save:
         save_quality(package_dir, report)
     return report

@@ -33,7 +33,7 @@ from ..errors import QuantizeError
 from ..methods import EmbeddingMethod, LmHeadMethod, LosslessCheck, QualityTargets, QuantizeMethod
 from ..package import MANIFEST, Variant, check_can_create, onnx_bytes, read_manifest, safe_path, write_manifest
 from ..package import save_onnx as _save
-from .gguf_blocks import GGUFBlocks, find_source_gguf, matches_dense
+from .gguf_blocks import GGUFBlocks, find_source_gguf, matches_dense, parts_of
 from .quality import (
     QUALITY_FILE,
     DecoderRunner,
@@ -45,6 +45,7 @@ from .quality import (
     tokenize,
 )
 from .schemes import (
+    BLOCK,
     LOSSLESS_MIN_TOP1,
     MS_DOMAIN,
     SCHEMES,
@@ -71,8 +72,9 @@ class QuantizeOptions:
     """How quantize() builds a variant; every field is checked by `validate` before anything is read.
 
     `exclude`: node names or fnmatch patterns (e.g. "/model/layers.0/*") kept unquantized.
-    `from_gguf`: "auto" imports GGUF Q4_0/Q4_1/Q8_0 blocks exactly when the package came from a GGUF
-    that is still here; True requires it; False always re-quantizes the base's weights.
+    `from_gguf`: "auto" imports the GGUF's blocks whose type has the scheme's width (int4: Q4_0, Q4_1,
+    Q4_K, Q3_K, Q2_K; int8: Q8_0, Q5_*, Q6_K; the gguf scheme: all) exactly when the package came from
+    a GGUF that is still here; True requires it; False always re-quantizes the base's weights.
     `lm_head_bits` / `embed_bits`: 8, 4 or 0 (unquantized); None takes the scheme's (measured) choice.
     `evaluate`: compare with the base on `eval_tokens` tokens of Hamlet and decide the default from it.
     """
@@ -119,6 +121,8 @@ class QuantizeResult:
         full = 16 if m.dtype == "float16" else 32
         how = f"{m.bits}-bit, block {m.block_size}, lm_head/embedding {m.lm_head.bits or full}-bit"
         gguf = m.gguf or {}
+        if self.variant in SCHEMES and SCHEMES[self.variant].native_gguf:
+            how = "each weight as the GGUF holds it (" + ", ".join(f"{k} {n}" for k, n in gguf["types"].items()) + ")"
         if m.lossless:
             how += f", imported losslessly from {gguf.get('file')}"
         elif gguf.get("used"):
@@ -196,41 +200,46 @@ def _find_targets(model, scheme: Scheme, exclude: tuple[str, ...], lm_head_bits:
 
 
 def _import_gguf(targets: list[_Target], blocks: GGUFBlocks, block_size: int, dtype=np.float32,
-                 base: str = "fp32") -> dict:
-    """Attach GGUF block weights to the targets that can take them exactly; say why for the others."""
+                 base: str = "fp32", native: bool = False) -> dict:
+    """Attach GGUF block weights to the targets that can take them exactly; say why for the others.
+
+    `native`: each weight at the bits its GGUF type needs (the gguf scheme), not the target's. The
+    GGUF's own (sub-)block size is kept: 16 or 32, whatever `block_size` the other weights get.
+    """
     imported: dict[str, str] = {}
     requantized: dict[str, str] = {}
-    cache: dict[str, BlockWeight | Exception] = {}
+    cache: dict[tuple[str, int], BlockWeight | list[BlockWeight] | Exception] = {}
     for t in targets:
-        if t.weight not in cache:
+        key = (t.weight, 0 if native else t.bits)
+        if key not in cache:
             try:
-                cache[t.weight] = blocks.weight(t.weight)
+                cache[key] = blocks.weight(t.weight, None if native else t.bits, exact=native)
             except KeyError as exc:
-                cache[t.weight] = exc
-        bw = cache[t.weight]
+                cache[key] = exc
+        bw = cache[key]
         if isinstance(bw, Exception):
             requantized[t.node.name] = str(bw).strip("'\"")
-        elif block_size != bw.block_size:
-            requantized[t.node.name] = f"GGUF blocks hold {bw.block_size} weights, block_size is {block_size}"
-        elif bw.bits != t.bits:
-            requantized[t.node.name] = f"GGUF {bw.source} is {bw.bits}-bit, this weight is planned at {t.bits}"
-        elif t.kind == "embedding" and bw.offset is not None:
-            requantized[t.node.name] = "GatherBlockQuantized has no per-block offset for Q4_1"
+        elif block_size != BLOCK and not native:
+            requantized[t.node.name] = f"GGUF blocks hold {parts_of(bw)[0].block_size} weights, block_size is {block_size}"
+        elif t.kind == "embedding" and isinstance(bw, list):
+            requantized[t.node.name] = "the embedding's GGUF parts differ in layout"
         else:
-            ok, diff = matches_dense(bw, t.dense, dtype)
+            ok, diff = matches_dense(bw, t.dense, dtype, exact=native)
             if not ok:  # the export is the reference: never import blocks that disagree with it
                 requantized[t.node.name] = f"GGUF blocks differ from the exported {base} weight by {diff:.3g}"
             else:
                 t.block = bw
-                imported[t.node.name] = bw.source
+                t.bits = max(p.bits for p in parts_of(bw))
+                imported[t.node.name] = "+".join(sorted({p.source for p in parts_of(bw)}))
     types: dict[str, int] = {}
     for source in imported.values():
         types[source] = types.get(source, 0) + 1
     reasons: dict[str, dict] = {}  # grouped, so 120 identical lines read as one
     for node, reason in requantized.items():
         reasons.setdefault(reason, {"count": 0, "first": node})["count"] += 1
-    return {"file": blocks.path.name, "imported": len(imported), "types": types,
-            "requantized": len(requantized), "requantized_because": reasons}
+    return {"file": blocks.path.name, "imported": len(imported), "types": dict(sorted(types.items())),
+            "requantized": len(requantized), "requantized_because": reasons,
+            "file_types": blocks.type_counts(), "reasons_by_node": requantized}
 
 
 def _requantize_matmuls(model, targets: list[_Target], bits: int, block_size: int, symmetric: bool,
@@ -277,6 +286,9 @@ def _build(model, targets: list[_Target], *, block_size: int, symmetric: bool, a
     for t in sorted(targets, key=lambda t: t.kind != "lm_head"):  # lm_head first: the embedding reuses it
         if t.kind == "linear" and t.block is None:
             continue
+        if isinstance(t.block, list):  # GGUF parts of different layouts: one MatMulNBits each, concatenated
+            replaced[t.node.name] = _part_nodes(model, t, accuracy_level, shared, dtype)
+            continue
         bw, prior = t.block, shared.get((t.weight, t.bits))
         if bw is None:  # a Gather cannot apply Q4_1 offsets: it gets its own tensor then
             usable = prior is not None and (t.kind != "embedding" or prior.offset is None)
@@ -296,6 +308,24 @@ def _build(model, targets: list[_Target], *, block_size: int, symmetric: bool, a
 
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model
+
+
+def _part_nodes(model, t: _Target, accuracy_level: int, shared: dict, dtype) -> list:
+    """x @ [W_0; W_1; ...]^T as Concat(x @ W_0^T, x @ W_1^T, ...) along the last axis, each W_i as its GGUF type.
+
+        x ─┬─ MatMulNBits(W_0, 4-bit) ─┐
+           └─ MatMulNBits(W_1, 8-bit) ─┴─ Concat(axis=-1) ─ y
+    """
+    from onnx import helper
+
+    nodes, outputs = [], []
+    for i, part in enumerate(t.block):
+        name = f"{t.node.name}/part{i}"
+        sub = helper.make_node(t.node.op_type, [t.node.input[0], f"{t.weight}.part{i}"], [name + "/output_0"], name=name)
+        nodes += replacement_nodes(model, t.kind, sub, f"{t.weight}.part{i}", part, accuracy_level, shared, dtype)
+        outputs.append(name + "/output_0")
+    nodes.append(helper.make_node("Concat", outputs, [t.node.output[0]], name=t.node.name + "/Concat", axis=-1))
+    return nodes
 
 
 def _base(root: Path, manifest) -> tuple[str, str]:
@@ -359,8 +389,14 @@ def quantize(package_dir: str | os.PathLike, scheme: str, options: QuantizeOptio
     notes: list[str] = []
 
     blocks, gguf_record = None, None
+    native = spec.native_gguf  # every weight as the GGUF holds it, at its own precision
+    if native and not opts.from_gguf:
+        raise QuantizeError("the gguf scheme imports the source GGUF's own blocks; drop --no-gguf, or pick int4/int8")
     if opts.from_gguf:
         gguf_path, why = find_source_gguf(root, manifest.source)
+        if gguf_path is None and native:
+            raise QuantizeError(f"the gguf scheme imports the source GGUF's own blocks, but {why}; "
+                                "use --scheme int4 or int8 instead")
         if gguf_path is None and opts.from_gguf is True:
             raise QuantizeError(f"cannot import GGUF blocks: {why}")
         if gguf_path is not None:
@@ -378,7 +414,19 @@ def quantize(package_dir: str | os.PathLike, scheme: str, options: QuantizeOptio
         raise QuantizeError("nothing to quantize: every weight is excluded or not a MatMul/Gemm/Gather weight")
     if blocks is not None:
         say(f"importing GGUF blocks from {blocks.path.name}")
-        gguf_record = {"used": True, **_import_gguf(targets, blocks, opts.block_size, np_dtype, base)}
+        gguf_record = {"used": True, **_import_gguf(targets, blocks, opts.block_size, np_dtype, base, native)}
+        why_not = gguf_record.pop("reasons_by_node")
+        if native:  # float tensors of the GGUF stay float; anything else that did not import is an error
+            kept = [t for t in targets if t.block is None and "a float weight" in why_not.get(t.node.name, "")]
+            excluded += [t.node.name for t in kept]
+            targets = [t for t in targets if t not in kept]
+            gguf_record["kept_float"] = len(kept)
+            missing = [t for t in targets if t.block is None]
+            if missing:
+                raise QuantizeError(f"cannot import {missing[0].node.name} from {blocks.path.name}: "
+                                    f"{why_not[missing[0].node.name]}")
+            if not targets:
+                raise QuantizeError(f"{blocks.path.name} holds only float weights: nothing to import")
         if opts.from_gguf is True and gguf_record["requantized"]:
             reason, where = next(iter(gguf_record["requantized_because"].items()))
             raise QuantizeError(f"cannot import every weight from the GGUF exactly: {where['first']}: {reason}")
@@ -461,7 +509,9 @@ def _method(spec: Scheme, opts: QuantizeOptions, targets: list[_Target], *, dtyp
     mixed = spec.bits != 8 or spec.layer_operator != "MatMulNBits"
     return QuantizeMethod(
         quantizer="onnxruntime.quantization MatMulNBitsQuantizer (DefaultWeightOnlyQuantConfig)",
-        operator=f"{MS_DOMAIN}.{spec.layer_operator}", bits=spec.bits, block_size=opts.block_size,
+        operator=f"{MS_DOMAIN}.{spec.layer_operator}", block_size=opts.block_size,
+        # the gguf scheme's weights have each their GGUF type's width: the widest is recorded
+        bits=max(t.bits for t in targets) if spec.native_gguf else spec.bits,
         symmetric=opts.symmetric, accuracy_level=opts.accuracy_level, base=base, dtype=dtype, scales_dtype=dtype,
         lm_head=LmHeadMethod(head_bits if "lm_head" in kinds else 0,
                              "MatMulNBits" if "lm_head" in kinds else f"Gemm ({plain})"),

@@ -12,10 +12,11 @@ Weights are stored in the layout of com.microsoft MatMulNBits: for a weight W of
 GatherBlockQuantized reads the same `packed` tensor when given as (N, K / block, blob) with
 quantize_axis=2, so a tied embedding and lm_head share one quantized tensor on disk.
 
-A GGUF Q4_1 block (w = d*q + m) becomes MatMulNBits with scale d and the default zero point 8 plus a
-per-block `offset` m + 8d, applied as block_sums(x) @ offset^T next to the MatMulNBits (see
-quantize.py): MatMulNBits accepts float zero points (-m/d), but its CPU kernel is ~140x slower with
-them (7.3 ms vs 0.05 ms for 576x3072 at M=1, measured), so the offset form is the fast exact one.
+A GGUF Q4_1 block (w = d*q + m) becomes MatMulNBits with scale d and zero point 0 plus a per-block
+`offset` m, applied as block_sums(x) @ offset^T next to the MatMulNBits (see quantize.py); the
+K-quants with mins likewise (gguf_blocks.py): MatMulNBits accepts float zero points (-m/d), but its
+CPU kernel is ~140x slower with them (7.3 ms vs 0.05 ms for 576x3072 at M=1, measured), so the offset
+form is the fast exact one.
 
 A float16 graph (the fp16 variant, for CUDA) gets the same weights: quantized in float32, then its
 scales, float zero points and Q4_1 offsets written as float16, since MatMulNBits requires scales of
@@ -68,6 +69,8 @@ class Scheme:
     # Rewrites the base graph before its remaining weights become MatMulNBits; returns the report
     # recorded as the method's `dynamic` (None: nothing to do).
     prepare: Callable[[object, Prepare], dict] | None = None
+    # Every weight from the source GGUF's own blocks at its type's width (gguf_blocks.py); needs a GGUF source.
+    native_gguf: bool = False
 
 
 def _smooth_and_convert(model, ctx: Prepare) -> dict:
@@ -91,6 +94,11 @@ SCHEMES: dict[str, Scheme] = {
                "8-bit weights (MatMulNBits bits=8, block 32), embedding and lm_head 8-bit"),
         Scheme("int4", 4, "onnx/model_q4.onnx", 8, 8, 0.20, 0.05, 0.90,
                "4-bit weights (MatMulNBits bits=4, block 32), embedding and lm_head 8-bit"),
+        # The GGUF's own blocks, each tensor at its own precision (gguf_blocks.py): the model the file
+        # holds, so its targets are int8's; its size is the file's mix, not a target.
+        Scheme("gguf", 4, "onnx/model_gguf.onnx", 8, 8, 1.0, 0.01, 0.97,
+               "the source GGUF's own blocks, imported exactly: 4-bit MatMulNBits for Q4_0/Q4_1/Q4_K/Q3_K/Q2_K, "
+               "8-bit for Q5_0/Q5_1/Q5_K/Q6_K/Q8_0, float tensors kept float", native_gguf=True),
         Scheme("int8-dynamic", 8, "onnx/model_int8_dynamic.onnx", 8, 8, 0.30, 0.01, 0.97,
                "8-bit weights; qkv, o and gate|up as DynamicQuantizeMatMul after smoothing (fast prefill), "
                "down_proj, embedding and lm_head as int8 (see quantize/dynamic.py)",
@@ -105,7 +113,7 @@ LOSSLESS_MIN_TOP1 = 0.995
 
 @dataclass
 class BlockWeight:
-    """One (N, K) weight in MatMulNBits layout; `offset` (N, K/block) float32 is the Q4_1 extra term."""
+    """One (N, K) weight in MatMulNBits layout; `offset` (N, K/block) float32 is the GGUF min term."""
 
     bits: int
     packed: np.ndarray  # (N, K/block, blob) uint8
@@ -113,7 +121,7 @@ class BlockWeight:
     zero_points: np.ndarray | None = None  # packed uint8 as MatMulNBits wants it; None = 2^(bits-1)
     offset: np.ndarray | None = None  # (N, K/block) float32: W += offset per block
     block_size: int = BLOCK
-    source: str = "requantized"  # or the GGUF type it came from: Q4_0 | Q4_1 | Q8_0
+    source: str = "requantized"  # or the GGUF type it came from: Q4_0 | Q4_K | Q6_K ...
     k: int = 0  # input features when K is not a whole number of blocks (the last block is padded)
 
     @property
@@ -236,30 +244,16 @@ def replacement_nodes(model, kind: str, node, weight: str, bw: BlockWeight, accu
         shared[key] = bw
     x, out, name = node.input[1 if kind == "embedding" else 0], node.output[0], node.name
     if kind == "embedding":
-        inputs = [base, x, name + "/scales"]
-        nodes = [helper.make_node("Reshape", [base + "_scales", name + "/scales_shape"], [name + "/scales"],
-                                  name=name + "/ScalesReshape")]
-        shape3 = numpy_helper.from_array(np.asarray([n, k // bw.block_size, 1], np.int64), name + "/scales_shape")
-        flat = numpy_helper.from_array(np.asarray([0, 0, k], np.int64), name + "/out_shape")
-        model.graph.initializer.extend([shape3, flat])
-        if bw.zero_points is not None:  # GatherBlockQuantized wants zero points shaped like its scales
-            zp = bw.zero_point_values().astype(np.uint8).reshape(n, -1, 1)
-            model.graph.initializer.append(numpy_helper.from_array(zp, name + "/zero_points"))
-            inputs.append(name + "/zero_points")
-        nodes += [helper.make_node("GatherBlockQuantized", inputs, [name + "/blocks"], name=name + f"_Q{bw.bits}",
-                                   domain=MS_DOMAIN, bits=bw.bits, block_size=bw.block_size, gather_axis=0,
-                                   quantize_axis=2),
-                  helper.make_node("Reshape", [name + "/blocks", name + "/out_shape"], [out], name=name + "/Reshape")]
-        return nodes
+        return _embedding_nodes(model, node, base, bw, dtype)
     inputs = [x, base, base + "_scales"] + ([base + "_zero_points"] if bw.zero_points is not None else [])
     attrs = {"K": k, "N": n, "bits": bw.bits, "block_size": bw.block_size}
     if accuracy_level:
         attrs["accuracy_level"] = accuracy_level
     if bw.offset is None:
         return [helper.make_node("MatMulNBits", inputs, [out], name=name + f"_Q{bw.bits}", domain=MS_DOMAIN, **attrs)]
-    # Q4_1: y = MatMulNBits(x) + block_sums(x) @ offset^T. The offsets (m + 8d) are sums of two f16
-    # values and almost always exact in f16: stored f16 (2 bytes/block, not 4) when every one is. A
-    # float16 graph computes in f16 anyway: its offsets are stored f16 (rounded, in the rare inexact case).
+    # GGUF offsets: y = MatMulNBits(x) + block_sums(x) @ offset^T. Q4_1's offsets (m) are f16 values,
+    # stored f16 (2 bytes/block, not 4); K-quants' (dmin * m) mostly are not, and stay f32. A float16
+    # graph computes in f16 anyway: its offsets are stored f16 (rounded, in the rare inexact case).
     offset_t = np.ascontiguousarray(bw.offset.T)
     half = offset_t.astype(np.float16)
     exact = bool(np.array_equal(half.astype(np.float32), offset_t))
@@ -276,4 +270,40 @@ def replacement_nodes(model, kind: str, node, weight: str, bw: BlockWeight, accu
         offset = name + "/offset"
     nodes += [helper.make_node("MatMul", [name + "/block_sums", offset], [name + "/offsets"], name=name + "/Offset"),
               helper.make_node("Add", [name + "/nbits", name + "/offsets"], [out], name=name + "/Add")]
+    return nodes
+
+
+def _embedding_nodes(model, node, base: str, bw: BlockWeight, dtype) -> list:
+    """GatherBlockQuantized rows of the packed table, plus the gathered per-block offsets (GGUF Q4_1/K-quants).
+
+        ids ─ GatherBlockQuantized(q, scales, zero points) ─ (B, T, K/block, block) ─ Add ─ Reshape(B, T, K)
+          └── Gather(offset rows) ─ (B, T, K/block) ─ Unsqueeze(-1) ──────────────────┘
+    """
+    from onnx import helper, numpy_helper
+
+    n, k = bw.shape
+    x, out, name = node.input[1], node.output[0], node.name
+    inputs = [base, x, name + "/scales"]
+    nodes = [helper.make_node("Reshape", [base + "_scales", name + "/scales_shape"], [name + "/scales"],
+                              name=name + "/ScalesReshape")]
+    shape3 = numpy_helper.from_array(np.asarray([n, k // bw.block_size, 1], np.int64), name + "/scales_shape")
+    flat = numpy_helper.from_array(np.asarray([0, 0, k], np.int64), name + "/out_shape")
+    model.graph.initializer.extend([shape3, flat])
+    if bw.zero_points is not None:  # GatherBlockQuantized wants zero points shaped like its scales
+        zp = bw.zero_point_values().astype(np.uint8).reshape(n, -1, 1)
+        model.graph.initializer.append(numpy_helper.from_array(zp, name + "/zero_points"))
+        inputs.append(name + "/zero_points")
+    blocks = name + "/blocks"
+    nodes.append(helper.make_node("GatherBlockQuantized", inputs, [blocks], name=name + f"_Q{bw.bits}",
+                                  domain=MS_DOMAIN, bits=bw.bits, block_size=bw.block_size, gather_axis=0,
+                                  quantize_axis=2))
+    if bw.offset is not None:
+        model.graph.initializer.extend([numpy_helper.from_array(bw.offset.astype(dtype), name + "/offset_rows"),
+                                        numpy_helper.from_array(np.asarray([-1], np.int64), name + "/last_axis")])
+        nodes += [helper.make_node("Gather", [name + "/offset_rows", x], [name + "/offsets"], name=name + "/Offsets"),
+                  helper.make_node("Unsqueeze", [name + "/offsets", name + "/last_axis"], [name + "/offsets4"],
+                                   name=name + "/OffsetsUnsqueeze"),
+                  helper.make_node("Add", [blocks, name + "/offsets4"], [name + "/shifted"], name=name + "/OffsetAdd")]
+        blocks = name + "/shifted"
+    nodes.append(helper.make_node("Reshape", [blocks, name + "/out_shape"], [out], name=name + "/Reshape"))
     return nodes
