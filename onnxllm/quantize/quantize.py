@@ -35,13 +35,13 @@ from ..package import MANIFEST, Variant, check_can_create, onnx_bytes, read_mani
 from ..package import save_onnx as _save
 from .gguf_blocks import GGUFBlocks, find_source_gguf, matches_dense, parts_of
 from .quality import (
+    CORPUS_TOKENS,
     QUALITY_FILE,
     DecoderRunner,
     QualityReport,
     base_variant,
-    compare,
-    hamlet_text,
     save_quality,
+    score_file,
     tokenize,
 )
 from .schemes import (
@@ -76,7 +76,7 @@ class QuantizeOptions:
     Q4_K, Q3_K, Q2_K; int8: Q8_0, Q5_*, Q6_K; the gguf scheme: all) exactly when the package came from
     a GGUF that is still here; True requires it; False always re-quantizes the base's weights.
     `lm_head_bits` / `embed_bits`: 8, 4 or 0 (unquantized); None takes the scheme's (measured) choice.
-    `evaluate`: compare with the base on `eval_tokens` tokens of Hamlet and decide the default from it.
+    `evaluate`: compare with the base on `eval_tokens` tokens of the fidelity corpus and decide the default.
     """
 
     block_size: int = 32
@@ -88,7 +88,7 @@ class QuantizeOptions:
     from_gguf: bool | Literal["auto"] = "auto"
     lm_head_bits: int | None = None
     embed_bits: int | None = None
-    eval_tokens: int = 128
+    eval_tokens: int = CORPUS_TOKENS
 
     def validate(self) -> "QuantizeOptions":
         if isinstance(self.exclude, str):
@@ -349,7 +349,7 @@ def _size_target(scheme: Scheme, dtype: str) -> float:
 def _meets(scheme: Scheme, report: QualityReport, ratio: float, max_size_ratio: float | None = None) -> bool:
     limit = scheme.max_size_ratio if max_size_ratio is None else max_size_ratio
     return ratio <= limit and report.perplexity_change <= scheme.max_ppl_increase \
-        and report.top1_agreement >= scheme.min_top1
+        and report.top1_agreement >= scheme.min_top1 and report.kl_divergence <= scheme.max_kl
 
 
 def quantize(package_dir: str | os.PathLike, scheme: str, options: QuantizeOptions = QuantizeOptions(), *,
@@ -358,7 +358,8 @@ def quantize(package_dir: str | os.PathLike, scheme: str, options: QuantizeOptio
 
     The base is the fp32 variant, else the fp16 one: the new variant has the base's dtype (float16
     activations, KV cache and scales for an fp16 base) and is measured against it. With
-    `options.evaluate`, it becomes the default when it meets the scheme's targets (for cpu from fp32;
+    `options.evaluate` (the fidelity corpus along every route generation feeds tokens, quality.score_file),
+    it becomes the default when it meets the scheme's targets (for cpu from fp32;
     for cuda and dml from fp16, a float16 graph being slow on CPU), and a warning says when it is far
     from the base.
     """
@@ -450,10 +451,9 @@ def quantize(package_dir: str | os.PathLike, scheme: str, options: QuantizeOptio
             say("checking that ONNX Runtime loads it")
             DecoderRunner(staged, manifest)
         else:
-            say(f"evaluating against {base} on {opts.eval_tokens} tokens of Hamlet")
-            ids = tokenize(root, manifest, hamlet_text(), opts.eval_tokens)
-            report = compare(DecoderRunner(staged, manifest), DecoderRunner(base_path, manifest), ids,
-                             variant_name=scheme, reference_name=base, text_label="hamlet")
+            say(f"evaluating against {base} on {opts.eval_tokens} tokens of the fidelity corpus (prefill, decode, "
+                "drafts)")
+            report = score_file(root, staged, variant_name=scheme, reference=base, max_tokens=opts.eval_tokens)
             meets = _meets(spec, report, ratio, _size_target(spec, dtype))
             if report.top1_agreement < WARN_TOP1:
                 notes.append(f"WARNING: the {scheme} variant is far from {base}: top-1 agreement "
@@ -461,7 +461,8 @@ def quantize(package_dir: str | os.PathLike, scheme: str, options: QuantizeOptio
                              f"{report.perplexity_change:+.1%}; consider int8, or exclude layers")
             elif not meets:
                 notes.append(f"the {scheme} variant misses its targets (top-1 {report.top1_agreement:.1%}, "
-                             f"perplexity {report.perplexity_change:+.1%}, size {ratio:.1%}); "
+                             f"KL {report.kl_divergence:.4f}, perplexity {report.perplexity_change:+.1%}, "
+                             f"size {ratio:.1%}); "
                              "it was not made the default")
         method = _method(spec, opts, targets, dtype=dtype, base=base, head_bits=head_bits, emb_bits=emb_bits,
                          excluded=excluded, lossless=lossless, gguf=gguf_record, dynamic=dynamic, report=report,
@@ -521,7 +522,7 @@ def _method(spec: Scheme, opts: QuantizeOptions, targets: list[_Target], *, dtyp
         exclude=tuple(opts.exclude), excluded=tuple(excluded),
         kept_8bit=tuple(t.node.name for t in targets if t.bits == 8 and mixed),
         lossless=lossless, gguf=gguf, dynamic=dynamic, quality=report.to_dict() if report else None,
-        targets=QualityTargets(_size_target(spec, dtype), spec.max_ppl_increase, spec.min_top1),
+        targets=QualityTargets(_size_target(spec, dtype), spec.max_ppl_increase, spec.min_top1, spec.max_kl),
         # Exact weights: what still moves top-1 is accuracy_level 4 (activations rounded to int8).
         lossless_check=None if not (lossless and report) else LosslessCheck(
             LOSSLESS_MIN_TOP1, report.top1_agreement >= LOSSLESS_MIN_TOP1),

@@ -71,6 +71,7 @@ class Scheme:
     prepare: Callable[[object, Prepare], dict] | None = None
     # Every weight from the source GGUF's own blocks at its type's width (gguf_blocks.py); needs a GGUF source.
     native_gguf: bool = False
+    max_kl: float = 1.0  # mean KL(fp32 || variant), nats, on the worst route (quantize/fidelity.py)
 
 
 def _smooth_and_convert(model, ctx: Prepare) -> dict:
@@ -91,7 +92,7 @@ SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
         Scheme("int8", 8, "onnx/model_int8.onnx", 8, 8, 0.30, 0.01, 0.97,
-               "8-bit weights (MatMulNBits bits=8, block 32), embedding and lm_head 8-bit"),
+               "8-bit weights (MatMulNBits bits=8, block 32), embedding and lm_head 8-bit", max_kl=0.01),
         Scheme("int4", 4, "onnx/model_q4.onnx", 8, 8, 0.20, 0.05, 0.90,
                "4-bit weights (MatMulNBits bits=4, block 32), embedding and lm_head 8-bit"),
         # The GGUF's own blocks, each tensor at its own precision (gguf_blocks.py): the model the file
@@ -102,7 +103,8 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("int8-dynamic", 8, "onnx/model_int8_dynamic.onnx", 8, 8, 0.30, 0.01, 0.97,
                "8-bit weights; qkv, o and gate|up as DynamicQuantizeMatMul after smoothing (fast prefill), "
                "down_proj, embedding and lm_head as int8 (see quantize/dynamic.py)",
-               layer_operator="DynamicQuantizeMatMul + MatMulNBits", cpu_only=True, prepare=_smooth_and_convert),
+               layer_operator="DynamicQuantizeMatMul + MatMulNBits", cpu_only=True, prepare=_smooth_and_convert,
+               max_kl=0.01),
     )
 }
 # Top-1 agreement below this earns a loud warning whatever the scheme.

@@ -49,6 +49,9 @@ def package_info(root: Path, manifest: Manifest, *, providers=None) -> dict:
     }
 
 
+_TEXTS = {"corpus": "the fidelity corpus", "hamlet": "Hamlet", "custom": "a given text"}
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -95,7 +98,13 @@ def format_info(info: dict) -> str:
                 parts.append(f"top-1 vs {q.get('reference', 'fp32')} {100 * q['top1_agreement']:.1f}%")
             if q.get("kl_divergence") is not None:
                 parts.append(f"KL {q['kl_divergence']:.4f}")
+            if q.get("greedy_tokens"):
+                parts.append(f"greedy {q.get('greedy_agreement')}/{q['greedy_tokens']}")
+            if q.get("tokens"):
+                parts.append(f"on {q['tokens']} tokens of {_TEXTS.get(q.get('text'), 'a given text')}")
             lines.append("         " + ", ".join(parts))
+            for route, p in (q.get("paths") or {}).items():  # the fidelity corpus's routes (quantize/fidelity.py)
+                lines.append(f"         {route:<8} top-1 {100 * p['top1_agreement']:.1f}%, KL {p['kl_divergence']:.4f}")
         if v["method"].get("min_cosine_to_fp32") is not None:
             lines.append(f"         cosine to fp32: min {v['method']['min_cosine_to_fp32']:.4f}, "
                          f"mean {v['method']['mean_cosine_to_fp32']:.4f}")

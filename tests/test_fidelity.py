@@ -1,0 +1,164 @@
+"""The fidelity corpus and its routes (quantize/fidelity.py): what `eval` and the quantizer's gate score."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+
+from onnxllm.errors import QuantizeError
+from onnxllm.package import read_manifest
+from onnxllm.quantize import quality, quantize
+from onnxllm.quantize.fidelity import (
+    CORPUS_DIR,
+    DRAFT_WIDTH,
+    KINDS,
+    PATHS,
+    corpus,
+    greedy_prompts,
+    load_reference,
+    open_variant,
+    parse_transcripts,
+    route_logits,
+)
+
+Q = importlib.import_module("onnxllm.quantize.quantize")
+IDS = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 32, 84, 104, 101, 32, 113, 117, 105, 99, 107]
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, tiny_packages):
+    pkg = tmp_path_factory.mktemp("fidelity") / "pkg"
+    shutil.copytree(tiny_packages("llama"), pkg)
+    quantize(pkg, "int8", evaluate=False)
+    return pkg
+
+
+def test_corpus_holds_every_kind_and_says_where_it_comes_from():
+    passages = corpus()
+    assert {p.kind for p in passages} == set(KINDS)
+    chats = [p for p in passages if p.kind == "chat"]
+    assert len(chats) >= 2 and all(m["role"] in ("system", "user", "assistant") for p in chats for m in p.messages)
+    assert all(p.text.strip() for p in passages if p.kind != "chat")
+    sources = (CORPUS_DIR / "SOURCES.md").read_text(encoding="utf-8")
+    assert all(f"{kind}.txt" in sources for kind in KINDS) and "prompts.txt" in sources
+    assert len(greedy_prompts()) >= 8
+
+
+def test_transcripts_parse_turns_and_refuse_stray_text():
+    text = "system: Be brief.\nuser: Two\nlines.\nassistant: Yes.\n---\nuser: Again?\nassistant: No."
+    assert parse_transcripts(text) == [
+        ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two\nlines."},
+         {"role": "assistant", "content": "Yes."}),
+        ({"role": "user", "content": "Again?"}, {"role": "assistant", "content": "No."}),
+    ]
+    with pytest.raises(QuantizeError, match="before any 'user:' turn"):
+        parse_transcripts("hello\nuser: hi")
+
+
+def _plain_rows(runner, manifest, ids, width):
+    """Logits fed `width` tokens per pass with a numpy past, through plain onnxruntime (no IO binding)."""
+    io, arch = manifest.io, manifest.architecture
+    outputs = [o.name for o in runner.session.get_outputs()]
+    past = {name: runner.empty for name in runner.past_names}
+    rows = []
+    for start in range(0, len(ids), width):
+        chunk = ids[start:start + width]
+        end = start + len(chunk)
+        feed = {io.input_ids: np.asarray([chunk], np.int64), io.attention_mask: np.ones((1, end), np.int64),
+                io.position_ids: np.arange(start, end, dtype=np.int64)[None], **past}
+        result = dict(zip(outputs, runner.session.run(outputs, feed)))
+        rows.append(result[io.logits][0])
+        past = {}
+        for i in range(arch.num_layers):
+            past[io.past_key.format(i)] = result[io.present_key.format(i)]
+            past[io.past_value.format(i)] = result[io.present_value.format(i)]
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_each_route_feeds_what_it_says(quantized, variant):
+    manifest = read_manifest(quantized)
+    path = quantized / manifest.variants[variant].file
+    session = open_variant(path, manifest)
+    runner = quality.DecoderRunner(path, manifest)
+    widths = {"prefill": len(IDS), "decode": 1, "draft": DRAFT_WIDTH}
+    for route in PATHS:
+        got = route_logits(session, IDS, route)
+        assert got.shape == (len(IDS), manifest.architecture.vocab_size)
+        want = _plain_rows(runner, manifest, IDS, widths[route])
+        np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+    with pytest.raises(QuantizeError, match="unknown path"):
+        route_logits(session, IDS, "sideways")
+
+
+def test_report_figures_come_from_the_routes(quantized):
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
+    report = quality.evaluate(quantized, "int8", text=text, max_tokens=40, greedy_tokens=4, save=False)
+    assert report.text == "custom" and set(report.paths) == set(PATHS) and report.greedy_prompts == 1
+    manifest = read_manifest(quantized)
+    ids = load_reference(quantized, "fp32").encode(text)[:40]
+    ref = _plain_rows(quality.DecoderRunner(quantized / manifest.variants["fp32"].file, manifest), manifest, ids, 64)
+    runner = quality.DecoderRunner(quantized / manifest.variants["int8"].file, manifest)
+    lr = quality._log_softmax(ref)
+    for route, width in (("prefill", 64), ("decode", 1), ("draft", DRAFT_WIDTH)):
+        lv = quality._log_softmax(_plain_rows(runner, manifest, ids, width))
+        figures = report.paths[route]
+        assert figures["tokens"] == len(ids)
+        assert figures["kl_divergence"] == pytest.approx((np.exp(lr) * (lr - lv)).sum(-1).mean(), abs=2e-6)
+        assert figures["top1_agreement"] == pytest.approx((lv.argmax(-1) == lr.argmax(-1)).mean(), abs=1e-5)
+        nll = -lv[np.arange(len(ids) - 1), ids[1:]]
+        assert figures["perplexity"] == pytest.approx(np.exp(nll.mean()), rel=1e-4)
+    # The headline is the worst route's.
+    assert report.top1_agreement == min(p["top1_agreement"] for p in report.paths.values())
+    assert report.kl_divergence == max(p["kl_divergence"] for p in report.paths.values())
+    assert report.perplexity == max(p["perplexity"] for p in report.paths.values())
+
+
+def test_corpus_report_scores_every_kind_and_prompt(quantized):
+    report = quality.evaluate(quantized, "int8", max_tokens=700, greedy_tokens=3)
+    assert report.text == "corpus" and report.tokens >= 650
+    for route in PATHS:
+        assert set(report.paths[route]["by_kind"]) == set(KINDS)
+    assert report.greedy_prompts == len(greedy_prompts()) and 0 < report.greedy_tokens <= 3 * report.greedy_prompts
+    saved = json.loads((quantized / "quality.json").read_text())["int8"]
+    assert saved["paths"]["decode"]["by_kind"]["code"]["tokens"] > 0 and saved["greedy_prompts"] == 8
+    text = quality.format_report(report)
+    assert "fidelity corpus" in text and all(f"  {route}" in text for route in PATHS)
+    itself = quality.evaluate(quantized, "fp32", max_tokens=300, greedy_tokens=4, save=False)
+    assert itself.top1_agreement == 1.0 and itself.kl_divergence < 1e-6
+    assert itself.greedy_agreement == itself.greedy_tokens
+
+
+@pytest.mark.filterwarnings("ignore:the int8 variant misses its targets")
+def test_gate_scores_the_corpus_and_checks_kl(package, monkeypatch):
+    pkg = package("llama")
+    result = quantize(pkg, "int8", eval_tokens=300)
+    assert set(result.quality.paths) == set(PATHS) and result.quality.text == "corpus"
+    assert result.method["targets"]["max_kl"] == 0.01 and result.quality.tokens >= 250
+    # A KL above the scheme's target alone is enough to miss, whatever top-1 and perplexity say.
+    real = Q.score_file
+    monkeypatch.setattr(Q, "score_file", lambda *a, **k: dataclasses.replace(
+        real(*a, **k), kl_divergence=0.02, top1_agreement=1.0, perplexity_change=0.0))
+    monkeypatch.setattr(Q, "_size_target", lambda *a: 1.0)  # tiny models miss the size target (rotary tables)
+    result = quantize(pkg, "int8", eval_tokens=100, force=True)
+    assert result.meets_targets is False and "KL 0.0200" in " ".join(result.warnings)
+
+
+@pytest.mark.real
+def test_smollm2_corpus_is_long_enough(smollm2_package):
+    """At least 4,096 tokens of SmolLM2's tokenizer (chat transcripts through its template)."""
+    model = load_reference(smollm2_package, "fp32")
+    total = 0
+    for p in corpus():
+        if p.messages:
+            total += len(model.encode_chat([dict(m) for m in p.messages]))
+        else:
+            total += len(model.encode(p.text))
+    assert total >= 4096
