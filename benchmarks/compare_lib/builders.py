@@ -105,6 +105,7 @@ def build_llamacpp_quant(src: Path, out: Path, qtype: str) -> None:
     import llama_cpp
 
     ftype = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+             "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
              "Q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1}[qtype]
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype

@@ -110,3 +110,33 @@ def find_plot_python() -> Path | None:
         if py.exists() and subprocess.run([str(py), "-c", "import matplotlib"], capture_output=True, check=False).returncode == 0:
             return py
     return None
+
+
+def chat_table(rows: list[dict], disturbed: float = 0.25) -> str:
+    """The chat workload per row: decode tok/s greedy and sampled, answer lengths, chat-prompt prefill."""
+    lines = ["| runtime | variant | greedy decode tok/s | sampled decode tok/s | greedy tokens (at EOS) | "
+             "sampled tokens (at EOS) | prefill tok/s |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        c = r.get("chat")
+        if not c:
+            continue
+        g, s = c["greedy"], c["sampled"]
+
+        def v(x: dict) -> str:
+            return fmt(x["decode_tok_s"]) + ("*" if x.get("other_cores", 0.0) > disturbed else "")
+
+        lines.append(f"| {RUNTIME_LABEL[r['runtime']]} | {r['variant']} | {v(g)} | {v(s)} | "
+                     f"{sum(g['answer_tokens'])} ({g['ended_at_eos']}/{g['prompts']}) | "
+                     f"{sum(s['answer_tokens'])} ({s['ended_at_eos']}/{s['prompts']}) | {fmt(g['prefill_tok_s'])} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def targets_table(targets: list[dict]) -> str:
+    lines = ["| target | measured | ratio | wanted | holds? |", "|---|---|---:|---:|---|"]
+    for t in targets:
+        ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}"
+        over = "over" if t["wanted"].startswith("<=") else "short"
+        holds = "-" if t["holds"] is None else ("yes" if t["holds"] else
+                                               f"no ({t['short_by']:.0%} {over})" if t.get("short_by") else "no")
+        lines.append(f"| {t['target']} | {t['measured']} | {ratio} | {t['wanted']} | {holds} |")
+    return "\n".join(lines)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .common import RESULT_TAG
 from .machine import _own_cpu, _proc_stat, peak_rss_mib
+from .workloads import chat_workload, stepwise
 
 
 def size_mib(paths) -> float:
@@ -106,9 +107,24 @@ def worker_onnxllm(a) -> dict:
     for prompt in a.prompts:
         r = timed(once_for(prompt), prompt, a.gen, a.runs)
         res.append({**r, **passes[len(prompt)]})
+    chat_passes = {}
+
+    def answer(prompt, max_new, temperature, seed, eos):
+        s.rewind(0)
+        config = GenerationConfig(max_tokens=max_new, temperature=temperature, seed=seed, draft_tokens=draft)
+        events = list(generate_tokens(s, prompt, config, eos_ids=sorted(eos)))
+        timings = events[-1].timings
+        key = "sampled" if temperature else "greedy"
+        chat_passes[key] = chat_passes.get(key, 0) + timings.decode_passes
+        toks = [e.token for e in events if e.token is not None]
+        if events[-1].finish_reason == "eos":  # the step that chose EOS is in decode_s: count it
+            toks.append(min(eos))
+        return timings.prefill_s, timings.decode_s, toks
+
+    chat = _chat(answer, a)
     var = m.manifest.variants[m.variant]
     files = [Path(m.root) / var.file] + [Path(m.root) / var.file.replace(".onnx", ".onnx.data")]
-    return {"load_s": load_s, "results": res, "file_mib": size_mib(files), "variant_resolved": m.variant,
+    return {"load_s": load_s, "results": res, "chat": chat, "file_mib": size_mib(files), "variant_resolved": m.variant,
             "draft_tokens": draft, "versions": {"onnxllm": onnxllm.__version__, "onnxruntime": ort.__version__},
             "providers": s.session.get_providers()}
 
@@ -138,13 +154,32 @@ def worker_llamacpp(a) -> dict:
     def logits_last():  # Llama.eval keeps no scores without logits_all: read the context's last-row logits
         return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
 
-    def prefill(p):
+    def prefill_logits(p):
         llm.eval(p)
-        return _argmax(logits_last())
+        return logits_last()
+
+    def step_logits(tok):
+        llm.eval([tok])
+        return logits_last()
+
+    def prefill(p):
+        return _argmax(prefill_logits(p))
 
     def decode(tok):
-        llm.eval([tok])
-        return _argmax(logits_last())
+        return _argmax(step_logits(tok))
+
+    def answer_lookup(prompt, max_new, temperature, seed, eos):  # Llama.generate: the loop with the draft model
+        llm.reset()
+        llm.set_seed(seed)
+        toks, t0 = [], time.perf_counter()
+        for tok in llm.generate(prompt, top_k=0 if temperature else 1, top_p=1.0, min_p=0.0, temp=temperature,
+                                repeat_penalty=1.0, reset=True):
+            if not toks:
+                t1 = time.perf_counter()
+            toks.append(int(tok))
+            if len(toks) == max_new or toks[-1] in eos:
+                break
+        return t1 - t0, time.perf_counter() - t1, toks
 
     def once_for(prompt):
         def once(n_new: int):  # Llama.generate: the only loop that uses the draft model
@@ -161,11 +196,13 @@ def worker_llamacpp(a) -> dict:
 
     if lookup:
         res = [timed(once_for(prompt), prompt, a.gen, a.runs) for prompt in a.prompts]
+        chat = _chat(answer_lookup, a)
     else:
         res = [timed_runs(prefill, decode, llm.reset, prompt, a.gen, a.runs) for prompt in a.prompts]
+        chat = _chat(stepwise(prefill_logits, step_logits, llm.reset), a)
     info = llama_cpp.llama_print_system_info()
     info = info.decode() if isinstance(info, bytes) else str(info)
-    return {"load_s": load_s, "results": res, "file_mib": size_mib([a.model]),
+    return {"load_s": load_s, "results": res, "chat": chat, "file_mib": size_mib([a.model]),
             "versions": {"llama-cpp-python": llama_cpp.__version__, "llama.cpp system_info": info.strip()}}
 
 
@@ -195,9 +232,29 @@ def worker_genai(a) -> dict:
         g.generate_next_token()     # runs the model on the last token, then picks
         return int(g.get_next_tokens()[0])
 
+    def answer(prompt, max_new, temperature, seed, eos):  # genai's own search: greedy, or its sampler
+        params = og.GeneratorParams(model)
+        search = {"do_sample": bool(temperature), "max_length": len(prompt) + max_new, "batch_size": 1}
+        if temperature:  # the full distribution, as the other rows: top_k = the vocabulary, top_p 1
+            search.update(temperature=temperature, top_k=vocab, top_p=1.0, random_seed=seed)
+        params.set_search_options(**search)
+        g = og.Generator(model, params)
+        t0 = time.perf_counter()
+        g.append_tokens(prompt)
+        g.generate_next_token()
+        toks = [int(g.get_next_tokens()[0])]
+        t1 = time.perf_counter()
+        while len(toks) < max_new and toks[-1] not in eos and not g.is_done():
+            g.generate_next_token()
+            toks.append(int(g.get_next_tokens()[0]))
+        return t1 - t0, time.perf_counter() - t1, toks
+
+    vocab = json.loads((Path(a.model) / "genai_config.json").read_text())["model"]["vocab_size"]
     res = [timed_runs(prefill, decode, reset, prompt, a.gen, a.runs) for prompt in a.prompts]
+    chat = _chat(answer, a)
     d = Path(a.model)
-    return {"load_s": load_s, "results": res, "file_mib": size_mib(sorted(d.glob("*.onnx")) + sorted(d.glob("*.onnx.data"))),
+    return {"load_s": load_s, "results": res, "chat": chat,
+            "file_mib": size_mib(sorted(d.glob("*.onnx")) + sorted(d.glob("*.onnx.data"))),
             "versions": {"onnxruntime-genai": og.__version__}}
 
 
@@ -213,14 +270,14 @@ def _torch_versions() -> dict:
     return out
 
 
-def _hf_loop(model, a, torch) -> list[dict]:
+def _hf_loop(model, a, torch) -> tuple[list[dict], dict | None]:
     """Greedy loop over a causal LM with past_key_values (PyTorch or optimum's ORT model)."""
     state = {}
 
     def reset():
         state.clear()
 
-    def step(ids):
+    def step_logits(ids):
         past = state.get("past")
         n_past = state.get("n", 0)
         input_ids = torch.tensor([ids], dtype=torch.long)
@@ -228,10 +285,14 @@ def _hf_loop(model, a, torch) -> list[dict]:
         pos = torch.arange(n_past, n_past + len(ids), dtype=torch.long)[None]
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
         state["past"], state["n"] = out.past_key_values, n_past + len(ids)
-        return int(out.logits[0, -1].argmax())
+        return out.logits[0, -1].float().numpy()
+
+    def step(ids):
+        return _argmax(step_logits(ids))
 
     with torch.inference_mode():
-        return [timed_runs(step, lambda tok: step([tok]), reset, prompt, a.gen, a.runs) for prompt in a.prompts]
+        res = [timed_runs(step, lambda tok: step([tok]), reset, prompt, a.gen, a.runs) for prompt in a.prompts]
+        return res, _chat(stepwise(step_logits, lambda tok: step_logits([tok]), reset), a)
 
 
 def worker_transformers(a) -> dict:
@@ -244,8 +305,9 @@ def worker_transformers(a) -> dict:
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     model.eval()
     load_s = time.perf_counter() - t
-    res = _hf_loop(model, a, torch)
-    return {"load_s": load_s, "results": res, "file_mib": size_mib(sorted(Path(a.model).glob("*.safetensors"))),
+    res, chat = _hf_loop(model, a, torch)
+    return {"load_s": load_s, "results": res, "chat": chat,
+            "file_mib": size_mib(sorted(Path(a.model).glob("*.safetensors"))),
             "versions": _torch_versions()}
 
 
@@ -264,9 +326,9 @@ def worker_optimum(a) -> dict:
     model = ORTModelForCausalLM.from_pretrained(a.model, file_name=name, session_options=so, use_cache=True,
                                                 provider="CPUExecutionProvider")
     load_s = time.perf_counter() - t
-    res = _hf_loop(model, a, torch)
+    res, chat = _hf_loop(model, a, torch)
     d = Path(a.model)
-    return {"load_s": load_s, "results": res, "file_mib": size_mib([d / name, d / (name + "_data"), d / (name + ".data")]),
+    return {"load_s": load_s, "results": res, "chat": chat, "file_mib": size_mib([d / name, d / (name + "_data"), d / (name + ".data")]),
             "versions": _torch_versions()}
 
 
@@ -274,8 +336,16 @@ WORKERS = {"onnxllm": worker_onnxllm, "llamacpp": worker_llamacpp, "genai": work
            "optimum": worker_optimum, "transformers": worker_transformers}
 
 
+def _chat(answer, a) -> dict | None:
+    """The chat workload (workloads.py) when the prompts file has one, else None."""
+    return chat_workload(answer, a.spec, a.chat_runs) if a.spec.get("chat") else None
+
+
 def worker_main(a) -> None:
-    a.prompts = json.loads(Path(a.prompts_file).read_text())
+    spec = json.loads(Path(a.prompts_file).read_text())
+    a.spec = spec if isinstance(spec, dict) else {"hamlet": spec}
+    a.prompts = a.spec["hamlet"]
+    a.chat_runs = a.spec.get("chat", {}).get("runs", a.runs)
     a.prompt_lens = [len(p) for p in a.prompts]
     out = WORKERS[a.worker](a)
     out["load_s"] = round(out["load_s"], 3)
