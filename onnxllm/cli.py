@@ -151,6 +151,10 @@ def generation_options(fn):
         click.option("--regex", help="Answer with text that matches this regular expression."),
         click.option("--grammar", type=click.Path(dir_okay=False),
                      help="Answer in this grammar (a Lark or GBNF file)."),
+        click.option("--min-tokens", type=click.IntRange(0),
+                     help="Generate at least N tokens (EOS held back until then)."),
+        click.option("--ignore-eos", is_flag=True, default=None,
+                     help="Do not stop at EOS: run to --max-tokens (or a stop string)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)

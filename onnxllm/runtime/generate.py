@@ -75,6 +75,11 @@ class GenerationConfig:
         """The structured-output constraint asked for, or None; ConstraintError when two are given."""
         return constraint_spec(json_schema=self.json_schema, regex=self.regex, grammar=self.grammar,
                                json_object=self.json_object)
+    # Exact lengths (benchmarks, fixed-size outputs), as vLLM's options of the same names: before
+    # `min_tokens` tokens the EOS ids cannot be chosen (their logits are -inf); `ignore_eos` makes EOS an
+    # ordinary token that does not end generation, so it runs to max_tokens or a stop string.
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     def updated(self, **options) -> "GenerationConfig":
         known = {f.name for f in fields(self)}
@@ -104,6 +109,13 @@ class GenerationConfig:
         if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) \
                 or not 0 <= self.top_logprobs <= 20:
             raise GenerationError(f"top_logprobs must be an integer from 0 to 20, got {self.top_logprobs!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise GenerationError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_tokens:
+            raise GenerationError(f"min_tokens ({self.min_tokens}) is more than max_tokens ({self.max_tokens}); "
+                                  "lower min_tokens or raise max_tokens")
+        if not isinstance(self.ignore_eos, bool):
+            raise GenerationError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if self.context_overflow not in ("error", "truncate"):
             raise GenerationError(f"context_overflow must be 'error' or 'truncate', got {self.context_overflow!r}")
         self.constraint()
@@ -206,7 +218,8 @@ class TokenPicker:
 
     `pending` is what a pass has chosen but not yet given out (it counts for the penalties)."""
 
-    def __init__(self, config: GenerationConfig, prompt_ids: Sequence[int], *, constraint: Constraint | None = None):
+    def __init__(self, config: GenerationConfig, prompt_ids: Sequence[int], *,
+                 constraint: Constraint | None = None, eos_ids: Sequence[int] = ()):
         rng = np.random.default_rng(config.seed)
         options = {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
                    "min_p": config.min_p, "rng": rng}
@@ -225,8 +238,15 @@ class TokenPicker:
         self.scores: list[TokenLogprobs] = []  # with logprobs: one per token chosen since the last take_scores
         self.constraint = constraint  # structured output: masks what would leave it, after the penalties
 
+        self._min_tokens = config.min_tokens
+        self._eos = np.asarray(sorted(set(eos_ids)), dtype=np.int64)
+
     def processed(self, logits: np.ndarray, pending: Sequence[int]) -> np.ndarray:
         out = self._process(logits, self.history + list(pending), self.prompt_len) if self._penalties else logits
+        # The token chosen from these logits is number len(history) - prompt_len + len(pending) (from 0).
+        if self._eos.size and len(self.history) - self.prompt_len + len(pending) < self._min_tokens:
+            out = np.array(out, copy=True)
+            out[self._eos[self._eos < out.shape[-1]]] = -np.inf
         if self.constraint is None:
             return out
         return self.constraint.process(out, self.history[self.prompt_len:] + list(pending))
@@ -311,14 +331,14 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
     # Reuse the KV cache for the longest common prefix; at least one token must be fed for logits.
     cached = min(session.common_prefix(prompt_ids), len(prompt_ids) - 1)
     session.rewind(cached)
-    picker = TokenPicker(config, prompt_ids, constraint=constraint)
+    picker = TokenPicker(config, prompt_ids, constraint=constraint, eos_ids=eos_ids)
     lookup = PromptLookup(prompt_ids) if config.draft_tokens and session.can_verify else None
     draft_len = min(4, config.draft_tokens)
     # Drafts are not cut short near max_tokens (the passes, and so their rounding, stay the same whatever
     # max_tokens is; surplus tokens are dropped), only by the context: room for them is reserved now.
     if lookup is not None:
         session.reserve(min(session.context, len(prompt_ids) + config.max_tokens + config.draft_tokens))
-    eos = set(eos_ids)
+    eos = set() if config.ignore_eos else set(eos_ids)
     generated = passes = drafted = accepted = 0
     guessed = 0  # how many of `pending` are accepted guesses (they come first)
 

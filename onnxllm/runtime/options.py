@@ -24,6 +24,8 @@ class GenerationOptions(TypedDict, total=False):
     stop: str | Sequence[str] | None
     context_overflow: str | None
     draft_tokens: int | None
+    min_tokens: int | None
+    ignore_eos: bool | None
     logprobs: bool | None
     top_logprobs: int | None
     json_schema: str | None
