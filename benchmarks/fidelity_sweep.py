@@ -35,6 +35,9 @@ PRESETS = {  # name -> (scheme, quantize options)
     "int8": ("int8", {}),
     "int4": ("int4", {}),
     "int4-acc1": ("int4", {"accuracy_level": 1}),
+    # The GGUF's own weights (SmolLM2: Q4_1 layers, Q8_0 embedding) with float32 arithmetic and an fp32 lm_head
+    # (no fast 8-bit kernel below accuracy level 4): nothing rounded that fp32 does not round.
+    "int4-exact": ("int4", {"accuracy_level": 1, "lm_head_bits": 0}),
 }
 
 

@@ -95,9 +95,10 @@ def export(source, out_dir, dtype, verify, force, trust_remote_code, allow_pickl
 
 @cli.command()
 @click.argument("package", type=click.Path())
-@click.option("--scheme", type=click.Choice(["int8", "int4", "int8-dynamic", "gguf"]), required=True,
-              help="int8: the default CPU variant; int4: smallest; int8-dynamic: int8 with a faster prefill (CPU); "
-                   "gguf: the source GGUF's own blocks, each tensor at its own precision (lossless)")
+@click.option("--scheme", type=click.Choice(["int8", "int4", "int8-dynamic", "gguf", "int4-exact"]), required=True,
+              help="int8: 8-bit; int4: smallest; int8-dynamic: int8 with a faster prefill (CPU); "
+                   "gguf: the source GGUF's own blocks, each tensor at its own precision (lossless); "
+                   "int4-exact: a GGUF's 4-bit weights with float32 arithmetic (fp32's answers)")
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
 @click.option("--asymmetric", is_flag=True, help="Asymmetric (zero-point) quantization.")
 @click.option("--exclude", multiple=True, help="Node name or glob pattern to keep in full precision (repeatable).")
@@ -106,7 +107,7 @@ def export(source, out_dir, dtype, verify, force, trust_remote_code, allow_pickl
 @click.option("--lm-head-bits", type=click.Choice(["8", "4", "0"]), help="lm_head/embedding bits (0 = fp32).")
 @click.option("--no-gguf", is_flag=True, help="Re-quantize even when the GGUF's own blocks could be imported.")
 @click.option("--force", is_flag=True, help="Replace the variant if it exists.")
-@click.option("--no-eval", is_flag=True, help="Skip the short quality check.")
+@click.option("--no-eval", is_flag=True, help="Skip the fidelity check (4,096 corpus tokens, three routes).")
 @handle_errors
 def quantize(package, scheme, block_size, asymmetric, exclude, accuracy_level, lm_head_bits, no_gguf, force, no_eval):
     """Add an int8, int4 or int8-dynamic variant to PACKAGE and measure what it costs in quality."""

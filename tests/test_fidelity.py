@@ -12,6 +12,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from _helpers import cli
+
 from onnxllm.errors import QuantizeError
 from onnxllm.package import read_manifest
 from onnxllm.quantize import quality, quantize
@@ -141,6 +143,9 @@ def test_corpus_report_scores_every_kind_and_prompt(quantized):
     assert saved["paths"]["decode"]["by_kind"]["code"]["tokens"] > 0 and saved["greedy_prompts"] == 8
     text = quality.format_report(report)
     assert "fidelity corpus" in text and all(f"  {route}" in text for route in PATHS)
+    info = cli("info", quantized)  # what `onnxllm info` shows of it
+    assert info.returncode == 0, info.stderr
+    assert "of the fidelity corpus" in info.stdout and all(f" {route} " in info.stdout for route in PATHS)
     itself = quality.evaluate(quantized, "fp32", max_tokens=300, greedy_tokens=4, save=False)
     assert itself.top1_agreement == 1.0 and itself.kl_divergence < 1e-6
     assert itself.greedy_agreement == itself.greedy_tokens
@@ -151,7 +156,7 @@ def test_gate_scores_the_corpus_and_checks_kl(package, monkeypatch):
     pkg = package("llama")
     result = quantize(pkg, "int8", eval_tokens=300)
     assert set(result.quality.paths) == set(PATHS) and result.quality.text == "corpus"
-    assert result.method["targets"]["max_kl"] == 0.01 and result.quality.tokens >= 250
+    assert result.method.targets.max_kl == 0.01 and result.quality.tokens >= 250
     # A KL above the scheme's target alone is enough to miss, whatever top-1 and perplexity say.
     real = Q.score_file
     monkeypatch.setattr(Q, "score_file", lambda *a, **k: dataclasses.replace(
@@ -172,3 +177,23 @@ def test_smollm2_corpus_is_long_enough(smollm2_package):
         else:
             total += len(model.encode(p.text))
     assert total >= 4096
+
+
+def test_int4_exact_scheme_computes_in_float32(package):
+    pkg = package("llama")
+    result = quantize(pkg, "int4-exact", evaluate=False, accuracy_level=4)  # the scheme fixes its own level
+    assert result.method.accuracy_level == 1 and result.method.lm_head.operator == "Gemm (fp32)"
+    assert result.variant == "int4-exact" and (pkg / "onnx" / "model_q4_exact.onnx").is_file()
+    report = quality.evaluate(pkg, "int4-exact", max_tokens=200, greedy_tokens=2, save=False)
+    assert report.top1_agreement > 0.5  # a tiny random model re-quantized (no GGUF): RTN int4, not exact
+
+
+@pytest.mark.real
+def test_smollm2_int4_exact_keeps_fp32_answers(smollm2_package, tmp_path):
+    """The GGUF's Q4_1/Q8_0 blocks with float32 arithmetic: fp32's model on every route (~3 min)."""
+    pkg = tmp_path / "smollm2"
+    shutil.copytree(smollm2_package, pkg)
+    result = quantize(pkg, "int4-exact")
+    assert result.method.lossless is True and result.meets_targets
+    assert result.quality.top1_agreement >= 0.995 and result.quality.kl_divergence < 1e-3
+    assert read_manifest(pkg).default_variant["cpu"] == "int4-exact"

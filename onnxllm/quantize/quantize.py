@@ -370,6 +370,8 @@ def quantize(package_dir: str | os.PathLike, scheme: str, options: QuantizeOptio
     if scheme not in SCHEMES:
         raise QuantizeError(f"unknown scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
     spec, opts = SCHEMES[scheme], options.validate()
+    if spec.accuracy_level is not None:  # the scheme is defined by it (int4-exact)
+        opts = dataclasses.replace(opts, accuracy_level=spec.accuracy_level)
     head_bits = spec.lm_head_bits if opts.lm_head_bits is None else opts.lm_head_bits
     emb_bits = spec.embed_bits if opts.embed_bits is None else opts.embed_bits
     root = Path(package_dir)
