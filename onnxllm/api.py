@@ -145,10 +145,12 @@ def format_info(data: dict) -> str:
 
 
 def evaluate(package: str | os.PathLike, variant: str | None = None, *, text: str | None = None,
-             tokens: int = 256) -> list[QualityReport]:
-    """Perplexity, KL, top-1 and greedy agreement of a package's variants against its base (fp32, else fp16).
+             tokens: int = 4096) -> list[QualityReport]:
+    """Perplexity, KL, top-1 and greedy agreement of a package's variants against its base (fp32, else fp16),
+    along the prefill, one-token decode and draft passes generation makes (quantize/fidelity.py).
 
-    `variant` None: every quantized variant (the base alone when there is none); `text` None: Hamlet.
+    `variant` None: every quantized variant (the base alone when there is none); `text` None: the fidelity
+    corpus (prose, verse, dialogue, code, chat transcripts), `tokens` of it in all.
     Each report is also saved into the package's quality.json."""
     from .quantize.quality import base_variant, evaluate as _evaluate
 
