@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--json", help="write the rows here")
     a = p.parse_args()
 
-    from onnxllm.quantize import quantize
+    from onnxllm.api import quantize
     from onnxllm.quantize.fidelity import corpus, load_reference, measure, open_variant
 
     pkg = Path(a.package).resolve()

@@ -14,9 +14,10 @@ pytest.importorskip("transformers")
 
 from _helpers import cli
 
+from onnxllm.api import quantize
 from onnxllm.errors import QuantizeError
 from onnxllm.package import read_manifest
-from onnxllm.quantize import quality, quantize
+from onnxllm.quantize import quality
 from onnxllm.quantize.fidelity import (
     CORPUS_DIR,
     DRAFT_WIDTH,
