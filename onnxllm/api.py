@@ -107,12 +107,25 @@ def load(model: str | os.PathLike, device: str = _LOAD.device, variant: str | No
          progress: Progress | None = None) -> Model | EmbeddingModel:
     """Load a package folder, a path to its .onnx, or a catalog name (exported on first use).
 
+    Folders made by onnxruntime-genai's builder, optimum or transformers.js (onnx/model_*.onnx) load too;
+    `variant` picks one of their files (`onnxllm info` lists them).
+
     An embedding package loads as an EmbeddingModel (`embed`, `search`); a decoder as a Model.
 
     `prefill_chunk`: prompts longer than this are fed this many tokens per pass (0: all at once)."""
     path = resolve_model(model, progress=progress)
     return load_package(path, LoadOptions(device=device, variant=variant, threads=threads, context=context,
                                           kv_mode=kv_mode, io_binding=io_binding, prefill_chunk=prefill_chunk))
+
+
+def import_folder(folder: str | os.PathLike, out: str | os.PathLike, *, copy: bool = False,
+                  force: bool = False) -> Path:
+    """An onnxllm package at `out` from a folder onnxruntime-genai, optimum or transformers.js made.
+
+    The graphs and weights are hard-linked (or copied, `copy=True`); the folder itself is never modified."""
+    from .readers.importer import import_folder as _import
+
+    return _import(folder, out, copy=copy, force=force)
 
 
 def generate(model: Model | str | os.PathLike, prompt, config: GenerationConfig | None = None,
@@ -131,10 +144,11 @@ def stream(model: Model | str | os.PathLike, prompt, config: GenerationConfig | 
 
 def info(model: str | os.PathLike, *, progress: Progress | None = None) -> dict:
     """What a package holds (architecture, context, variants with size, how made and quality, EOS ids)."""
+    from .readers import open_folder
     from .runtime.info import package_info
 
-    root = find_package_root(resolve_model(model, progress=progress))
-    return package_info(root, read_manifest(root))
+    folder = open_folder(resolve_model(model, progress=progress))  # a package, or a folder another tool made
+    return package_info(folder.root, folder.manifest, layout=folder.layout, skipped=folder.skipped)
 
 
 def format_info(data: dict) -> str:
@@ -151,10 +165,11 @@ def evaluate(package: str | os.PathLike, variant: str | None = None, *, text: st
 
     `variant` None: every quantized variant (the base alone when there is none); `text` None: the fidelity
     corpus (prose, verse, dialogue, code, chat transcripts), `tokens` of it in all.
-    Each report is also saved into the package's quality.json."""
+    Each report is also saved into the package's quality.json (a folder another tool made is only read)."""
     from .quantize.quality import base_variant, evaluate as _evaluate
+    from .readers import open_folder
 
-    manifest = read_manifest(package)
+    manifest = open_folder(package).manifest
     base = base_variant(manifest)
     quantized = [v for v in manifest.variants if v != base]
     names = [variant] if variant else quantized or [base or next(iter(manifest.variants))]

@@ -119,6 +119,18 @@ def quantize(package, scheme, block_size, asymmetric, exclude, accuracy_level, l
     click.echo(str(result))
 
 
+@cli.command(name="import")
+@click.argument("folder", type=click.Path())
+@click.option("-o", "--output", "out", type=click.Path(), required=True, help="Package folder to write.")
+@click.option("--copy", is_flag=True, help="Copy the graphs and weights (default: hard links where possible).")
+@click.option("--force", is_flag=True, help="Replace an existing package at OUTPUT.")
+@handle_errors
+def import_cmd(folder, out, copy, force):
+    """Make an onnxllm package from an onnxruntime-genai, optimum or transformers.js FOLDER (no re-export)."""
+    path = api.import_folder(folder, out, copy=copy, force=force)
+    click.echo(f"imported {folder} -> {path}")
+
+
 def _generation_options(gen: dict) -> dict:
     """The options given; --json-schema (a file unless it is JSON text) and --grammar files become their text."""
     options = {k: v for k, v in gen.items() if v not in (None, ())}
@@ -187,6 +199,9 @@ def run(model, prompt, system, chat_mode, device, threads, context, variant, as_
         options.update(logprobs=True, top_logprobs=top_logprobs)
     m = api.load(model, device=device, variant=variant, threads=threads, context=context, progress=progress)
     m.config(**options)  # validate before reading stdin or starting a chat
+    if verbose:
+        for note in m.notes:
+            click.echo(note, err=True)
     if m.placement.fallback_reason and (verbose or device != "auto"):
         click.echo(click.style(m.placement.fallback_reason, fg="yellow"), err=True)
     text = read_prompt(prompt)
@@ -223,6 +238,9 @@ def chat(model, system, device, variant, verbose, **gen):
     options = _generation_options(gen)
     m = api.load(model, device=device, variant=variant, progress=progress)
     m.config(**options)
+    if verbose:
+        for note in m.notes:
+            click.echo(note, err=True)
     interactive(m, options, system, verbose)
 
 

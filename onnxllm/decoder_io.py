@@ -56,9 +56,13 @@ class DecoderIO:
                                       f"use one of {', '.join(KV_DTYPES)}")
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest) -> "DecoderIO":
+    def from_manifest(cls, manifest: Manifest, variant: str | None = None) -> "DecoderIO":
+        """The package's I/O, or the variant's own where it has one (graphs read from a foreign folder)."""
         a = manifest.architecture
-        return cls(manifest.io, a.num_layers, a.num_kv_heads, a.head_dim, manifest.kv_cache)
+        v = manifest.variants.get(variant) if variant is not None else None
+        io = v.io if v is not None and v.io is not None else manifest.io
+        kv = v.kv_cache if v is not None and v.kv_cache is not None else manifest.kv_cache
+        return cls(io, a.num_layers, a.num_kv_heads, a.head_dim, kv)
 
     # -- KV tensors ----------------------------------------------------------------------------
     @property
@@ -106,15 +110,15 @@ class DecoderIO:
         return feed
 
     def feed(self, ids: Sequence[int] | np.ndarray, *, start: int = 0, past: Sequence[np.ndarray] | None = None,
-             keep: int | None = None) -> dict[str, np.ndarray]:
+             keep: int = 0) -> dict[str, np.ndarray]:
         """A whole plain-session feed: `ids` after `start` tokens whose KV is `past` (None: an empty past).
 
-        keep: the logits_to_keep value when the graph has that input (None: leave its default)."""
+        keep: the logits_to_keep value when the graph has that input (0: every position)."""
         if past is None and start:
             raise ValueError("a feed after cached tokens needs their past")
         feed = self.step_inputs(ids, start)
         feed.update(zip(self.past_names(), self.empty_past() if past is None else past))
-        if keep is not None and self.names.logits_to_keep is not None:
+        if self.names.logits_to_keep is not None:
             feed[self.names.logits_to_keep] = np.array(keep, dtype=np.int64)
         return feed
 

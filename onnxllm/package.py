@@ -70,6 +70,9 @@ class Variant:
     dtype: str  # activation/KV dtype of the graph
     bytes: int
     method: Method = field(default_factory=dict)  # how it was made (methods.py): exporter, or quantizer, bits...
+    # A graph whose I/O differs from the package's (variants read from a foreign folder): None, the package's.
+    io: IOSpec | None = None
+    kv_cache: KVCacheSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,10 @@ class Manifest:
         data = asdict(self)
         for name, variant in self.variants.items():  # the typed records, as the JSON they have always been
             data["variants"][name]["method"] = method_dict(variant.method)
+        for v in data["variants"].values():  # written only where a variant has its own
+            for key in ("io", "kv_cache"):
+                if v[key] is None:
+                    del v[key]
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     def with_variant(self, name: str, variant: Variant, *, default_for: tuple[str, ...] = ()) -> "Manifest":
@@ -191,6 +198,10 @@ def parse_manifest(data: Any) -> Manifest:
         raise InvalidPackageError("manifest: no variants listed; re-export the model with `onnxllm export`")
     variants = {}
     for name, raw in variants_raw.items():
+        if isinstance(raw, dict) and (raw.get("io") is not None or raw.get("kv_cache") is not None):
+            raw = {**raw, "io": _build(IOSpec, raw["io"], f"variants.{name}.io") if raw.get("io") else None,
+                   "kv_cache": _build(KVCacheSpec, raw["kv_cache"], f"variants.{name}.kv_cache")
+                   if raw.get("kv_cache") else None}
         v = _build(Variant, raw, f"variants.{name}")
         v = replace(v, method=parse_method(v.method))
         if not isinstance(v.file, str) or not isinstance(v.scheme, str) or not isinstance(v.bytes, int):

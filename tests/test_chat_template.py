@@ -340,3 +340,20 @@ def test_old_jinja_is_refused(monkeypatch):
     monkeypatch.setattr(jinja2, "__version__", "3.1.4")
     with pytest.raises(GenerationError, match="jinja2>=3.1.6"):
         ChatTemplate(ZEPHYR)
+
+
+@pytest.mark.parametrize("source,why", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran for more than"),
+    ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "output passed"),
+    ("{{ 'x' * 10000000000 }}", "repeats a str"),
+    ("{{ 9 ** 99999999 }}", "computes"),
+])
+def test_a_template_that_never_ends_is_stopped(source, why):
+    import time
+
+    from onnxllm.runtime.chat_template import MAX_RENDER_SECONDS
+
+    start = time.monotonic()
+    with pytest.raises(InvalidPackageError, match=why):
+        ChatTemplate(source).render([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - start < MAX_RENDER_SECONDS + 30  # a bound, not a speed claim: it returns

@@ -29,7 +29,7 @@ def test_feed_has_every_role_and_an_empty_past():
     assert [k for k in feed if "past" in k] == ["past_key_values.0.key", "past_key_values.0.value",
                                                 "past_key_values.1.key", "past_key_values.1.value"]
     assert all(feed[k].shape == (1, 3, 0, 4) and feed[k].dtype == np.float32 for k in io.past_names())
-    assert "num_logits_to_keep" not in feed and io.feed([1], keep=1)["num_logits_to_keep"] == 1
+    assert feed["num_logits_to_keep"] == 0 and io.feed([1], keep=1)["num_logits_to_keep"] == 1
     past = [np.ones((1, 3, 3, 4), np.float32)] * 4
     later = io.feed([8], start=3, past=past)
     assert later["attention_mask"].shape == (1, 4) and later["position_ids"].tolist() == [[3]]

@@ -57,7 +57,7 @@ def test_semantic_search_example_real(minilm_package):
 def test_every_cli_command_in_readme_exists():
     usage = next(code for lang, code in BLOCKS if lang == "bash" and "onnxllm export" in code)
     commands = set(re.findall(r"^onnxllm (\w+)", usage, flags=re.M))
-    assert commands == {"export", "quantize", "run", "chat", "info", "eval", "bench", "serve", "list", "rm",
+    assert commands == {"export", "quantize", "run", "chat", "info", "eval", "bench", "serve", "list", "rm", "import",
                         "embed", "search", "doctor"}
     out = subprocess.run([sys.executable, "-m", "onnxllm.cli", "--help"], capture_output=True, text=True).stdout
     for command in commands:

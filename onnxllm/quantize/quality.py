@@ -22,7 +22,8 @@ import numpy as np
 
 from ..decoder_io import DecoderIO
 from ..errors import InvalidPackageError, QuantizeError
-from ..package import Manifest, read_manifest, safe_path, write_text_atomic
+from ..package import Manifest, safe_path, write_text_atomic
+from ..readers import open_folder
 
 QUALITY_FILE = "quality.json"
 GREEDY_PROMPT_TOKENS = 16
@@ -96,7 +97,8 @@ def hamlet_text() -> str:
 class DecoderRunner:
     """Full-sequence logits of one decoder .onnx, fed as onnxllm's graphs expect (see exporter/verify.py)."""
 
-    def __init__(self, onnx_path: str | os.PathLike, manifest: Manifest, *, threads: int = 0):
+    def __init__(self, onnx_path: str | os.PathLike, manifest: Manifest, *, threads: int = 0,
+                 variant: str | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -107,7 +109,7 @@ class DecoderRunner:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - ORT's pybind errors share no useful base class
             raise InvalidPackageError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from None
-        self.io = DecoderIO.from_manifest(manifest)
+        self.io = DecoderIO.from_manifest(manifest, variant)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """(len(ids), vocab) float32 logits for one sequence."""
@@ -130,8 +132,10 @@ def decode_speed(package_dir: str | os.PathLike, variant: str, *, new_tokens: in
     """
     import time
 
-    manifest = read_manifest(package_dir)
-    runner = DecoderRunner(safe_path(package_dir, manifest.variants[variant].file), manifest, threads=threads)
+    folder = open_folder(package_dir)
+    manifest = folder.manifest
+    runner = DecoderRunner(safe_path(folder.root, manifest.variants[variant].file), manifest, threads=threads,
+                           variant=variant)
     io = runner.io
     best = float("inf")
     for _ in range(repeats):
@@ -247,9 +251,11 @@ def evaluate(package_dir: str | os.PathLike, variant: str, *, text: str | None =
     `max_tokens` tokens are scored in all (shared among the corpus's passages), along each route
     generation takes (fidelity.py); `greedy_tokens` per prompt for the greedy agreement (0: none).
     `reference` None: the variant the package's quantized variants are made from (fp32, else fp16).
-    Saves the report into the package's quality.json (keyed by variant) unless save=False.
+    Saves the report into the package's quality.json (keyed by variant) unless save=False; a folder made by
+    another tool is only read, never written.
     """
-    manifest = read_manifest(package_dir)
+    folder = open_folder(package_dir)
+    manifest, package_dir = folder.manifest, folder.root
     if manifest.kind == "embedding":  # perplexity needs logits; quantize records an embedding variant's cosine
         raise QuantizeError(f"{package_dir} is an embedding package: eval scores text generation; its int8 "
                             "variant's cosine to fp32 is in `onnxllm info`")
@@ -263,6 +269,6 @@ def evaluate(package_dir: str | os.PathLike, variant: str, *, text: str | None =
     report = score_file(package_dir, safe_path(package_dir, manifest.variants[variant].file), variant_name=variant,
                         reference=reference, text=text, max_tokens=max_tokens, greedy_tokens=greedy_tokens,
                         threads=threads)
-    if save:
+    if save and folder.layout == "onnxllm":
         save_quality(package_dir, report)
     return report

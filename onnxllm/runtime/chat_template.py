@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -26,6 +29,11 @@ from onnxllm.errors import GenerationError, InvalidPackageError
 
 __all__ = ["ChatTemplate", "ChatVariables"]
 
+# A template from a stranger can loop or grow without end; a chat prompt is a few hundred KB at most.
+# Rendering stops past these (a line trace checks the clock; the output is counted as it is made).
+MAX_RENDER_SECONDS = 2.0
+MAX_RENDER_CHARS = 4 << 20
+
 # Older Jinja releases have known sandbox escapes (CVE-2024-56201, CVE-2024-56326, CVE-2025-27516).
 _MIN_JINJA = (3, 1, 6)
 
@@ -40,6 +48,33 @@ def _jinja_version() -> tuple[int, ...]:
 
 class _TemplateRaised(TemplateError):
     """What ``raise_exception(...)`` inside a template throws (kept apart from Jinja's own errors)."""
+
+
+class _RenderLimit(Exception):
+    """A template ran past MAX_RENDER_SECONDS or MAX_RENDER_CHARS."""
+
+
+def _bounded_render(template: jinja2.Template, context: dict[str, Any]) -> str:
+    """template.render(context), stopped by _RenderLimit when it takes too long or writes too much."""
+    deadline = time.monotonic() + MAX_RENDER_SECONDS
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise _RenderLimit(f"it ran for more than {MAX_RENDER_SECONDS:g} s")
+        return trace
+
+    previous = sys.gettrace()
+    sys.settrace(trace)  # this thread only, and only while rendering
+    try:
+        parts, size = [], 0
+        for piece in template.generate(**context):
+            size += len(piece)
+            if size > MAX_RENDER_CHARS:
+                raise _RenderLimit(f"its output passed {MAX_RENDER_CHARS} characters")
+            parts.append(piece)
+        return "".join(parts)
+    finally:
+        sys.settrace(previous)
 
 
 def _raise_exception(message: str) -> None:
@@ -107,8 +142,22 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
     at Python internals is hostile or broken, so stop it at once.
     """
 
+    # `'x' * 10**10` or `9 ** 9 ** 9` is one C call that a line trace cannot stop: sizes are checked first.
+    intercepted_binops = frozenset({"*", "**"})
+
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_RENDER_CHARS:
+                    raise _RenderLimit(f"it repeats a {type(seq).__name__} {times} times")
+            return left * right
+        if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
+            if right * math.log2(abs(left)) > 1 << 16:
+                raise _RenderLimit(f"it computes {left} ** {right}")
+        return left ** right
 
 
 def _plain(value: Any) -> Any:
@@ -232,7 +281,12 @@ class ChatTemplate:
         context["messages"] = _validate_messages(messages)
         context["add_generation_prompt"] = bool(add_generation_prompt)
         try:
-            return self._template.render(**context)
+            return _bounded_render(self._template, context)
+        except _RenderLimit as exc:
+            raise InvalidPackageError(
+                f"the chat template was stopped: {exc}; it is broken or hostile: fix the folder's chat template "
+                "or pass a plain prompt (--raw)"
+            ) from None
         except SecurityError as exc:
             raise InvalidPackageError(
                 f"the chat template tried unsafe access and was stopped by the sandbox ({exc}); "

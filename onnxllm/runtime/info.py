@@ -10,7 +10,21 @@ from ..methods import method_dict
 from ..package import Manifest, onnx_bytes, safe_path
 
 
-def package_info(root: Path, manifest: Manifest, *, providers=None) -> dict:
+def _how_read(method: dict) -> str:
+    """One line: what a foreign graph's operators and types said (see readers/graph.py)."""
+    parts = []
+    for op, q in method.get("quantization", {}).items():
+        bits = f" {'/'.join(map(str, q['bits']))}-bit" if q.get("bits") else ""
+        block = f" block {'/'.join(map(str, q['block_size']))}" if q.get("block_size") else ""
+        parts.append(f"{op}{bits}{block} x{q['nodes']}")
+    if method.get("float16_weights"):
+        parts.append(f"{method['float16_weights']}/{method['weights']} float16 tensors")
+    parts.append(f"{method.get('attention')} attention, {method.get('kv_cache')}")
+    return f"read from the graph ({method.get('reader')}): " + ", ".join(parts)
+
+
+def package_info(root: Path, manifest: Manifest, *, providers=None, layout: str = "onnxllm",
+                 skipped: dict | None = None) -> dict:
     import onnxruntime as ort
 
     quality = {}
@@ -45,6 +59,8 @@ def package_info(root: Path, manifest: Manifest, *, providers=None) -> dict:
         "execution_providers_here": ort.get_available_providers(),
         "device_selected": getattr(providers, "device", None),
         "kind": manifest.kind,
+        "layout": layout,  # which reader read the folder
+        "skipped": skipped or {},  # files that cannot run, and why
         "embedding": asdict(manifest.embedding) if manifest.embedding else None,
     }
 
@@ -75,6 +91,8 @@ def format_info(info: dict) -> str:
         f"chat template  {'yes' if info['chat_template'] else 'no'}",
         f"source         {info['source'].get('kind', '?')}: {info['source'].get('name', '?')}"
         + (f" ({_counts(info['source']['tensor_types'])} tensors)" if info["source"].get("tensor_types") else ""),
+        *([f"layout         {info['layout']} (read from its own files; not an onnxllm package)"]
+          if info.get("layout", "onnxllm") != "onnxllm" else []),
         "variants:",
     ]
     e = info.get("embedding")
@@ -91,6 +109,8 @@ def format_info(info: dict) -> str:
             how = "exactly, every weight" if v["method"].get("lossless") else f"{gguf.get('requantized', 0)} re-quantized"
             kept = f", {gguf['kept_float']} kept float" if gguf.get("kept_float") else ""
             lines.append(f"         GGUF blocks imported {how}: {_counts(gguf.get('types', {}))}{kept}")
+        if v["method"].get("read_from") == "graph":
+            lines.append(f"         {v['scheme']}, {v['dtype']} KV: {_how_read(v['method'])}")
         q = v.get("quality")
         if isinstance(q, dict) and "perplexity" in q:
             parts = [f"perplexity {q['perplexity']:.3f}"]
@@ -108,5 +128,7 @@ def format_info(info: dict) -> str:
         if v["method"].get("min_cosine_to_fp32") is not None:
             lines.append(f"         cosine to fp32: min {v['method']['min_cosine_to_fp32']:.4f}, "
                          f"mean {v['method']['mean_cosine_to_fp32']:.4f}")
+    for file, why in info.get("skipped", {}).items():
+        lines.append(f"  skipped {file}: {why}")
     lines.append(f"providers here {', '.join(info['execution_providers_here'])}")
     return "\n".join(lines)

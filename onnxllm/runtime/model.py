@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from ..errors import ContextOverflowError, DeviceError, GenerationError, InvalidPackageError
-from ..package import Manifest, find_package_root, read_manifest, safe_path
+from ..package import Manifest, safe_path
+from ..readers import open_folder
 from .chat_template import ChatTemplate, ChatVariables
 from .constraints import Constraint, ConstraintCompiler, tool_call_grammar
 from .generate import Chunk, GenerationConfig, GenerationResult, generate_tokens, stream_text
@@ -70,6 +71,7 @@ class Model:
         self.tokenizer = tokenizer
         self.template = template
         self.placement = choice  # the device, the ORT providers given to the session, why not a better one
+        self.notes: list[str] = []  # how the folder was read and what is off for its graph (shown under -v)
         # How this model writes tool calls, read from its chat template (None: the template takes no tools).
         self.tool_format = format_for_template(template.source if template is not None else None)
         self.defaults = GenerationConfig().updated(**{
@@ -444,10 +446,10 @@ def load_package(path: str | Path, options: LoadOptions = LoadOptions()) -> Mode
     chunk = options.prefill_chunk
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
         raise GenerationError(f"prefill_chunk must be an integer >= 0 (0: the whole prompt in one pass), got {chunk!r}")
-    root = find_package_root(path)
-    manifest = read_manifest(root)
+    folder = open_folder(path)
+    root, manifest = folder.root, folder.manifest
     choice = select_providers(options.device)
-    name = _pick_variant(manifest, options.variant, choice.device)
+    name = _pick_variant(manifest, options.variant or folder.variant, choice.device)
     choice = _fit_device(choice, manifest, name, options.device)
     onnx_path = safe_path(root, manifest.variants[name].file)
     if not onnx_path.is_file():
@@ -455,27 +457,53 @@ def load_package(path: str | Path, options: LoadOptions = LoadOptions()) -> Mode
     tokenizer = load_tokenizer(root, manifest)
     if manifest.kind == "embedding":
         return _load_embedding(root, manifest, name, choice, tokenizer, options, onnx_path)
-    template = None
-    if manifest.chat_template:
-        template_path = safe_path(root, manifest.chat_template)
-        if template_path.is_file():
-            special = {"bos_token": None, "eos_token": None}
-            cfg_path = root / "tokenizer_config.json"
-            if cfg_path.is_file():
-                import json
-
-                try:
-                    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-                    special = {k: _token_text(cfg.get(k)) for k in special}
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    pass
-            template = ChatTemplate(template_path.read_text(encoding="utf-8"), **special)
+    template = _chat_template(root, manifest)
     sess_opts = session_options(threads=options.threads, optimization=options.optimization)
     session = open_session(onnx_path, manifest, providers=choice.providers, options=sess_opts,
                            config=SessionConfig(kv_mode=options.kv_mode, io_binding=options.io_binding,
                                                 prefill_chunk=options.prefill_chunk),
-                           context=options.context)
-    return Model(root, manifest, name, session, tokenizer, template, choice)
+                           context=options.context, variant=name)
+    model = Model(root, manifest, name, session, tokenizer, template, choice)
+    if folder.layout != "onnxllm":
+        model.notes.append(f"read {root} ({folder.layout} layout): variant {name!r} "
+                           f"({manifest.variants[name].scheme}, {manifest.variants[name].file})")
+    if session.cache_note:
+        model.notes.append(f"KV cache grows by concatenation: {session.cache_note}")
+    if not session.can_verify:
+        model.notes.append("prompt-lookup drafts are off: a growing cache cannot be rewound for free "
+                           "(the answer is the same, one token per pass)")
+    return model
+
+
+def _chat_template(root: Path, manifest: Manifest) -> ChatTemplate | None:
+    """The template from its file: .jinja holds the text, .json (tokenizer_config.json, chat_template.json) holds
+    it under "chat_template" (a string, or a list of named templates, of which "default" is used)."""
+    import json
+
+    if not manifest.chat_template or not safe_path(root, manifest.chat_template).is_file():
+        return None
+    special = {"bos_token": None, "eos_token": None}
+    config: dict = {}
+    cfg_path = root / "tokenizer_config.json"
+    if cfg_path.is_file():
+        try:
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+            special = {k: _token_text(config.get(k)) for k in special}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+    text = safe_path(root, manifest.chat_template).read_text(encoding="utf-8")
+    if manifest.chat_template.endswith(".json"):
+        try:
+            value = json.loads(text).get("chat_template")
+        except (json.JSONDecodeError, AttributeError):
+            raise InvalidPackageError(f"{manifest.chat_template} is not valid JSON; re-download it") from None
+        if isinstance(value, list):
+            value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"),
+                         None)
+        if not isinstance(value, str):
+            return None
+        text = value
+    return ChatTemplate(text, **special)
 
 
 def _load_embedding(root: Path, manifest: Manifest, variant: str, choice: ProviderChoice, tokenizer,

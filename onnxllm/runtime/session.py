@@ -44,7 +44,7 @@ def _device_of(providers: Sequence[str]) -> tuple[str, int]:
 def _cache_for(io: DecoderIO, kv: str, device, config: SessionConfig, context: int) -> tuple[KVCache, str | None]:
     """The cache strategy, and why it is not the one asked for (None when it is)."""
     if kv == "shared" and not io.kv.shared_buffer:
-        return GrowingKVCache(io, device, context=context), "the graph concatenates past and new KV (no shared buffer)"
+        return GrowingKVCache(io, device, context=context), "the graph's attention concatenates past and new KV (no shared buffer)"
     if kv == "shared" and not io.bnsh:
         return GrowingKVCache(io, device, context=context), f"the KV layout {io.kv.layout} is not a shared buffer's"
     if kv == "shared":
@@ -56,7 +56,7 @@ class DecoderSession:
     """prefill/decode over a KV cache that remembers which tokens it holds (for prefix reuse)."""
 
     def __init__(self, ort_session, manifest: Manifest, *, config: SessionConfig = SessionConfig(),
-                 context: int | None = None):
+                 context: int | None = None, variant: str | None = None):
         import onnxruntime as ort
 
         if config.kv_mode not in KV_MODES:
@@ -68,7 +68,7 @@ class DecoderSession:
         if context is not None and (not isinstance(context, int) or context < 1):
             raise GenerationError(f"context must be a positive number of tokens, got {context!r}")
         self.context = min(context or arch.context_length, arch.context_length)
-        self.io = DecoderIO.from_manifest(manifest)
+        self.io = DecoderIO.from_manifest(manifest, variant)
         self._check_io()
         self.cache, self.cache_note = _cache_for(self.io, config.kv_mode, _device_of(ort_session.get_providers()),
                                                  config, self.context)
@@ -196,7 +196,8 @@ class DecoderSession:
 
 
 def open_session(onnx_path: Path, manifest: Manifest, *, providers: list, options,
-                 config: SessionConfig = SessionConfig(), context: int | None = None) -> DecoderSession:
+                 config: SessionConfig = SessionConfig(), context: int | None = None,
+                 variant: str | None = None) -> DecoderSession:
     """An InferenceSession over a package's .onnx; ORT errors become InvalidPackageError."""
     import onnxruntime as ort
 
@@ -207,4 +208,4 @@ def open_session(onnx_path: Path, manifest: Manifest, *, providers: list, option
         raise InvalidPackageError(
             f"ONNX Runtime cannot load {onnx_path}: {first[:300]}; the file may be truncated or corrupt: re-export it"
         ) from None
-    return DecoderSession(sess, manifest, config=config, context=context)
+    return DecoderSession(sess, manifest, config=config, context=context, variant=variant)
