@@ -54,7 +54,9 @@ def test_min_tokens_with_drafts_checks_guesses_against_the_masked_logits(tempera
 @pytest.mark.parametrize("bad, match", [(dict(min_tokens=-1), "min_tokens must be"),
                                         (dict(min_tokens=True), "min_tokens must be"),
                                         (dict(min_tokens=9, max_tokens=5), "more than max_tokens"),
-                                        (dict(ignore_eos="yes"), "ignore_eos must be")])
+                                        (dict(ignore_eos="yes"), "ignore_eos must be"),
+                                        (dict(min_tokens=4, json_object=True), "cannot be combined"),
+                                        (dict(ignore_eos=True, regex="[ab]+"), "cannot be combined")])
 def test_bad_lengths_are_errors(bad, match):
     with pytest.raises(GenerationError, match=match):
         GenerationConfig().updated(**bad).validate()

@@ -116,6 +116,11 @@ class GenerationConfig:
                                   "lower min_tokens or raise max_tokens")
         if not isinstance(self.ignore_eos, bool):
             raise GenerationError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if (self.min_tokens or self.ignore_eos) and self.constraint() is not None:
+            # The constraint decides where the answer ends (EOS once the document is complete); holding EOS back
+            # there would leave no token the grammar allows.
+            raise GenerationError("min_tokens and ignore_eos cannot be combined with json_schema, json_object, regex "
+                                  "or grammar: the constraint decides where the answer ends; drop one of them")
         if self.context_overflow not in ("error", "truncate"):
             raise GenerationError(f"context_overflow must be 'error' or 'truncate', got {self.context_overflow!r}")
         self.constraint()
