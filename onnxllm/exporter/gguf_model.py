@@ -174,7 +174,9 @@ def gguf_config(reader, path: Path, *, bos: int | None = None, eos: int | None =
     if scaling and scaling != "none":
         factor = float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))
         if scaling != "linear":
-            raise UnsupportedModelError(f"{path.name}: RoPE scaling {scaling!r} is not supported yet; supported: linear")
+            raise UnsupportedModelError(
+                f"{path.name}: RoPE scaling {scaling!r} is not supported yet; supported: linear"
+            )
         kwargs["rope_scaling"] = {"rope_type": "linear", "factor": factor}
     if entry.model_type == "gemma2":
         # llama.cpp (llama-model.cpp) scales queries by 1/sqrt(hidden/heads) for the 27B (46 layers) and by

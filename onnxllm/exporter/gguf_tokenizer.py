@@ -206,7 +206,9 @@ def read_gguf_tokenizer(path: str | os.PathLike) -> GGUFTokenizerInfo:
         if not tokens or (model_kind == "gpt2" and merges_raw is None):
             raise InvalidPackageError(f"{path}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing.")
         if model_kind == "llama" and (scores is None or len(scores) < len(tokens)):
-            raise InvalidPackageError(f"{path}: a SentencePiece vocabulary needs tokenizer.ggml.scores for every token.")
+            raise InvalidPackageError(
+                f"{path}: a SentencePiece vocabulary needs tokenizer.ggml.scores for every token."
+            )
         types = list(_field(reader, "tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
         if len(types) < len(tokens):
             raise InvalidPackageError(f"{path}: fewer token types ({len(types)}) than tokens ({len(tokens)}).")

@@ -50,7 +50,9 @@ def _read(name: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise QuantizeError(f"the fidelity corpus file {path} cannot be read ({exc.strerror}); reinstall onnxllm") from None
+        raise QuantizeError(
+            f"the fidelity corpus file {path} cannot be read ({exc.strerror}); reinstall onnxllm"
+        ) from None
 
 
 def parse_transcripts(text: str) -> list[tuple[dict, ...]]:
@@ -201,7 +203,8 @@ def measure(variant_session, reference_model, passages: Sequence[Passage], *, to
     """Score `variant_session` against `reference_model` (a loaded Model: its tokenizer, chat template and
     session) on `passages`, `tokens` tokens in all shared evenly among them, each cut into windows that fit
     the context. `prompts` (text, chat-rendered when the model has a template, or token ids) are answered
-    greedily by both for the greedy agreement. `greedy_session`: the variant's session for that (default `variant_session`)."""
+    greedily by both for the greedy agreement. `greedy_session`: the variant's session for that
+    (default `variant_session`)."""
     ref = reference_model.session
     context = min(ref.context, variant_session.context)
     window = min(context, 1024)

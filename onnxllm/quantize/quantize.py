@@ -220,7 +220,9 @@ def _import_gguf(targets: list[_Target], blocks: GGUFBlocks, block_size: int, dt
         if isinstance(bw, Exception):
             requantized[t.node.name] = str(bw).strip("'\"")
         elif block_size != BLOCK and not native:
-            requantized[t.node.name] = f"GGUF blocks hold {parts_of(bw)[0].block_size} weights, block_size is {block_size}"
+            requantized[t.node.name] = (
+                f"GGUF blocks hold {parts_of(bw)[0].block_size} weights, block_size is {block_size}"
+            )
         elif t.kind == "embedding" and isinstance(bw, list):
             requantized[t.node.name] = "the embedding's GGUF parts differ in layout"
         else:
@@ -321,7 +323,9 @@ def _part_nodes(model, t: _Target, accuracy_level: int, shared: dict, dtype) -> 
     nodes, outputs = [], []
     for i, part in enumerate(t.block):
         name = f"{t.node.name}/part{i}"
-        sub = helper.make_node(t.node.op_type, [t.node.input[0], f"{t.weight}.part{i}"], [name + "/output_0"], name=name)
+        sub = helper.make_node(
+            t.node.op_type, [t.node.input[0], f"{t.weight}.part{i}"], [name + "/output_0"], name=name
+        )
         nodes += replacement_nodes(model, t.kind, sub, f"{t.weight}.part{i}", part, accuracy_level, shared, dtype)
         outputs.append(name + "/output_0")
     nodes.append(helper.make_node("Concat", outputs, [t.node.output[0]], name=t.node.name + "/Concat", axis=-1))

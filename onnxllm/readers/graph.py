@@ -120,8 +120,10 @@ def _quantization(model) -> tuple[str, dict, int, int, int]:
     bits = set(record.get("MatMulNBits", {}).get("bits", [])) | ({4} if "MatMulBnb4" in record else set())
     if 4 in bits or 2 in bits or 3 in bits:
         scheme = "int4"
-    elif bits or any(op in record for op in ("MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "QuantizeLinear",
-                                                "DynamicQuantizeLinear")):
+    elif bits or any(
+        op in record
+        for op in ("MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "QuantizeLinear", "DynamicQuantizeLinear")
+    ):
         scheme = "int8"
     else:
         scheme = "fp16" if float16 * 2 > total else "fp32"
@@ -153,7 +155,11 @@ def inspect_graph(path: Path, root: Path) -> GraphFacts:
         raise InvalidPackageError(f"{rel} takes no past key/values (a decoder without a KV cache, or a fused past "
                                   "tensor); use the folder's with-past or merged decoder file")
     layers = sorted(past)
-    if layers != list(range(len(layers))) or any(v != {"key", "value"} for v in past.values()) or set(present) != set(past):
+    if (
+        layers != list(range(len(layers)))
+        or any(v != {"key", "value"} for v in past.values())
+        or set(present) != set(past)
+    ):
         raise InvalidPackageError(f"{rel} has past/present key/values for layers {layers[:8]} that do not pair up")
     roles = {"input_ids", "attention_mask", "position_ids", "use_cache_branch", *_KEEP}
     roles |= {n for n in inputs if _match(_PAST, [n])[1]}
@@ -167,7 +173,9 @@ def inspect_graph(path: Path, root: Path) -> GraphFacts:
         raise InvalidPackageError(f"{rel} keeps its KV cache in ONNX type {elem}; onnxllm feeds float32 or float16")
     dims = _dims(first)
     if len(dims) != 4:
-        raise InvalidPackageError(f"{rel}: past key/values have {len(dims)} axes; onnxllm feeds (batch, heads, seq, dim)")
+        raise InvalidPackageError(
+            f"{rel}: past key/values have {len(dims)} axes; onnxllm feeds (batch, heads, seq, dim)"
+        )
     vocab = _dims(outputs["logits"])[-1:] or [None]
     ops = {n.op_type for n in model.graph.node}
     attention = next((op for op in _ATTENTION_OPS if op in ops), "concatenating")

@@ -16,8 +16,16 @@ from ..errors import InvalidPackageError
 from ..package import check_can_create, safe_path, staging_dir, write_manifest
 from . import open_folder
 
-_BESIDE = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-           "chat_template.jinja", "chat_template.json", "genai_config.json")
+_BESIDE = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "genai_config.json",
+)
 
 
 def _graph_files(root: Path, onnx_file: str) -> list[str]:

@@ -151,7 +151,11 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
             for seq, times in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_RENDER_CHARS:
+                if (
+                    isinstance(seq, (str, list, tuple))
+                    and isinstance(times, int)
+                    and len(seq) * times > MAX_RENDER_CHARS
+                ):
                     raise _RenderLimit(f"it repeats a {type(seq).__name__} {times} times")
             return left * right
         if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:

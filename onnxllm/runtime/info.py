@@ -106,7 +106,9 @@ def format_info(info: dict) -> str:
         lines.append(f"  {name:<6} {_human(v['bytes']):>10}  {v['file']}  {how}{extra}")
         gguf = v["method"].get("gguf") or {}
         if gguf.get("used"):
-            how = "exactly, every weight" if v["method"].get("lossless") else f"{gguf.get('requantized', 0)} re-quantized"
+            how = (
+                "exactly, every weight" if v["method"].get("lossless") else f"{gguf.get('requantized', 0)} re-quantized"
+            )
             kept = f", {gguf['kept_float']} kept float" if gguf.get("kept_float") else ""
             lines.append(f"         GGUF blocks imported {how}: {_counts(gguf.get('types', {}))}{kept}")
         if v["method"].get("read_from") == "graph":

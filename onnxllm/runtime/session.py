@@ -44,7 +44,9 @@ def _device_of(providers: Sequence[str]) -> tuple[str, int]:
 def _cache_for(io: DecoderIO, kv: str, device, config: SessionConfig, context: int) -> tuple[KVCache, str | None]:
     """The cache strategy, and why it is not the one asked for (None when it is)."""
     if kv == "shared" and not io.kv.shared_buffer:
-        return GrowingKVCache(io, device, context=context), "the graph's attention concatenates past and new KV (no shared buffer)"
+        return GrowingKVCache(
+            io, device, context=context
+        ), "the graph's attention concatenates past and new KV (no shared buffer)"
     if kv == "shared" and not io.bnsh:
         return GrowingKVCache(io, device, context=context), f"the KV layout {io.kv.layout} is not a shared buffer's"
     if kv == "shared":
