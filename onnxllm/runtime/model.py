@@ -21,6 +21,7 @@ from .generate import Chunk, GenerationConfig, GenerationResult, generate_tokens
 from .options import GenerationOptions
 from .providers import ProviderChoice, select_providers, session_options
 from .session import DecoderSession, SessionConfig, open_session
+from .tokenizer import _token_text, load_tokenizer  # noqa: F401 (quantize/embedding imports it here)
 from .tool_calls import ToolCallFormat, check_tools, filter_tool_calls, format_for_template
 
 if TYPE_CHECKING:
@@ -402,25 +403,6 @@ def _pick_variant(manifest: Manifest, variant: str | None, device: str) -> str:
     return manifest.default_variant.get(device) or manifest.default_variant.get("cpu") or next(iter(manifest.variants))
 
 
-def load_tokenizer(root: Path, manifest: Manifest):
-    from tokenizers import Tokenizer
-
-    path = safe_path(root, manifest.tokenizer)
-    if not path.is_file():
-        raise InvalidPackageError(f"{root} has no {manifest.tokenizer}; the package is incomplete: re-export it")
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
-        raise InvalidPackageError(f"{path} is not a valid tokenizer file: {str(exc)[:200]}") from None
-    size = tokenizer.get_vocab_size(with_added_tokens=True)
-    if size > manifest.architecture.vocab_size:
-        raise InvalidPackageError(
-            f"the tokenizer has {size} tokens but the model has only {manifest.architecture.vocab_size} logits: "
-            "tokenizer.json belongs to another model; restore the package's own tokenizer"
-        )
-    return tokenizer
-
-
 def _fit_device(choice: ProviderChoice, manifest: Manifest, variant: str, asked: str) -> ProviderChoice:
     """ORT's CUDA GroupQueryAttention runs only float16/bfloat16: a float32 variant cannot use the GPU."""
     if choice.device != "cuda" or manifest.variants[variant].dtype != "float32" or manifest.kind == "embedding":
@@ -431,13 +413,6 @@ def _fit_device(choice: ProviderChoice, manifest: Manifest, variant: str, asked:
             f"variant {variant!r} computes in float32, which the CUDA attention kernel does not support; {fix}")
     cpu = [(n, o) for n, o in choice.providers if n == "CPUExecutionProvider"]
     return ProviderChoice("cpu", cpu, f"CUDA not used: variant {variant!r} is float32; {fix}")
-
-
-def _token_text(value) -> str | None:
-    """tokenizer_config.json stores special tokens as strings or as {"content": ...} (older files)."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
 
 
 def load_package(path: str | Path, options: LoadOptions = LoadOptions()) -> Model:
