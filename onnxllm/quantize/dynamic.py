@@ -62,8 +62,8 @@ def _put(inits, name, array) -> None:
     inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
 
 
-def activation_ranges(model, manifest, ids: list[int], names: list[str]) -> dict[str, np.ndarray]:
-    """max |x| per channel of each named tensor, over a forward pass of `ids` (empty past) in ORT."""
+def probe_session(model, names: list[str]):
+    """A CPU session over a copy of `model` that also outputs the named (float) intermediate tensors."""
     import onnx
     import onnxruntime as ort
 
@@ -73,7 +73,12 @@ def activation_ranges(model, manifest, ids: list[int], names: list[str]) -> dict
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    del probe
+    return session
+
+
+def activation_ranges(model, manifest, ids: list[int], names: list[str]) -> dict[str, np.ndarray]:
+    """max |x| per channel of each named tensor, over a forward pass of `ids` (empty past) in ORT."""
+    session = probe_session(model, names)
     outs = session.run(names, DecoderIO.from_manifest(manifest).feed(ids))
     return {n: np.abs(o.reshape(-1, o.shape[-1])).max(axis=0) for n, o in zip(names, outs)}
 

@@ -99,15 +99,9 @@ def _targets(model) -> tuple[list, list[str]]:
 
 def _activation_ranges(model, names: list[str], tokenizer) -> dict[str, np.ndarray]:
     """max |x_j| of each named activation over the calibration text, one line per run (no padding)."""
-    import onnx
-    import onnxruntime as ort
+    from .dynamic import probe_session
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = probe_session(model, names)
     ranges: dict[str, np.ndarray] = {}
     for line in (ln for ln in CALIBRATION_TEXT.splitlines() if ln.strip()):
         ids = np.array([tokenizer.encode(line).ids], dtype=np.int64)  # (1, T)
