@@ -430,6 +430,33 @@ def save_onnx(model, path: str | os.PathLike) -> None:
         os.chmod(data, path.stat().st_mode & 0o777)
 
 
+def load_onnx(path: str | os.PathLike):
+    """An ONNX model with its external data read in. onnx (>= 1.19) refuses a data file with more than one
+    hard link, which is what `onnxllm import` makes of another tool's folder, so the tensors are read here:
+    each from its (safe) location, offset and length beside the graph."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    handles: dict[Path, object] = {}
+    try:
+        for tensor in _get_all_tensors(model):
+            if not uses_external_data(tensor):
+                continue
+            info = ExternalDataInfo(tensor)
+            source = safe_path(path.parent, info.location)
+            handle = handles.get(source) or handles.setdefault(source, open(source, "rb"))
+            handle.seek(int(info.offset or 0))
+            tensor.raw_data = handle.read(int(info.length)) if info.length else handle.read()
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return model
+
+
 def onnx_bytes(path: str | os.PathLike) -> int:
     """Size of an .onnx file plus its external data file, if any."""
     path = Path(path)

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import QuantizeError
-from ..package import Variant, onnx_bytes, read_manifest, safe_path, save_onnx, write_manifest
+from ..package import Variant, load_onnx, onnx_bytes, read_manifest, safe_path, save_onnx, write_manifest
 from .dynamic import CALIBRATION_TEXT
 
 Progress = Callable[[str], None]
@@ -191,7 +191,7 @@ def quantize_embedding(package_dir: str | Path, scheme: str, *, force: bool = Fa
     if progress:
         progress("quantizing (smoothing, then dynamic int8)...")
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=root) as scratch:
-        model = onnx.load(str(base_path))
+        model = load_onnx(base_path)
         products, after_gelu = _targets(model)
         tokenizer = embedding_tokenizer(load_tokenizer(root, manifest), manifest.embedding)
         _smooth(model, products, _activation_ranges(model, sorted({n.input[0] for n in products}), tokenizer))

@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import QuantizeError
 from ..methods import EmbeddingMethod, LmHeadMethod, LosslessCheck, QualityTargets, QuantizeMethod
 from ..package import MANIFEST, Variant, check_can_create, onnx_bytes, read_manifest, safe_path, write_manifest
+from ..package import load_onnx
 from ..package import save_onnx as _save
 from .gguf_blocks import GGUFBlocks, find_source_gguf, matches_dense, parts_of
 from .quality import (
@@ -352,7 +353,7 @@ def quantize(package_dir: str | os.PathLike, scheme: str, options: QuantizeOptio
             gguf_record = {"used": False, "reason": why}
 
     say(f"loading {base_path.name}")
-    model = onnx.load(str(base_path))
+    model = load_onnx(base_path)
     dynamic = None
     if spec.prepare is not None:
         dynamic = spec.prepare(model, Prepare(root, manifest, lambda name: _matches(exclude, name), say))
