@@ -98,7 +98,7 @@ def export(source, out_dir, dtype, verify, force, trust_remote_code, allow_pickl
 @click.option("--scheme", type=click.Choice(["int8", "int4", "int8-dynamic", "gguf", "int4-exact"]), required=True,
               help="int8: 8-bit; int4: smallest; int8-dynamic: int8 with a faster prefill (CPU); "
                    "gguf: the source GGUF's own blocks, each tensor at its own precision (lossless); "
-                   "int4-exact: a GGUF's 4-bit weights with float32 arithmetic (fp32's answers)")
+                   "int4-exact: a GGUF's 4-bit weights with float32 arithmetic in the layers (the CPU default)")
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
 @click.option("--asymmetric", is_flag=True, help="Asymmetric (zero-point) quantization.")
 @click.option("--exclude", multiple=True, help="Node name or glob pattern to keep in full precision (repeatable).")

@@ -28,6 +28,8 @@ class ExportMethod:
 class LmHeadMethod:
     bits: int  # 0: kept in the base's float type
     operator: str  # "MatMulNBits", or "Gemm (fp32)" when kept
+    # MatMulNBits' accuracy level of the lm_head when it differs from the layers' (int4-exact: 4)
+    accuracy_level: int | None = field(default=None, metadata={"omit_if_none": True})
 
 
 @dataclass(frozen=True)

@@ -214,19 +214,19 @@ def test_catalog_name_pulls_on_first_run(tmp_path):
                 "--max-tokens", "20", env=env, timeout=900)
     assert first.returncode == 0, first.stderr
     assert "Paris" in first.stdout
-    assert "loading" in first.stderr and "int8" in first.stderr  # progress was shown
+    assert "loading" in first.stderr and "int4-exact" in first.stderr  # progress was shown
     package = tmp_path / "cache" / "smollm2-135m-instruct"
     manifest = json.loads((package / "onnxllm.json").read_text())
     default = manifest["default_variant"]["cpu"]
-    # int8-dynamic misses the fidelity corpus's targets here (top-1 ~95%), so the pull builds int4-exact too.
-    assert default in ("int8-dynamic", "int4-exact") and default in manifest["variants"]
+    # int4-exact first; int8-dynamic only where int4-exact would miss the fidelity corpus's targets.
+    assert default in ("int4-exact", "int8-dynamic") and default in manifest["variants"]
     assert (package / "quality.json").is_file()
     second = cli("run", "smollm2-135m-instruct", "What is the capital of France?", "--max-tokens", "20",
                  "--json", env=env)
     assert json.loads(second.stdout)["variant"] == default
     assert "loading" not in second.stderr  # no second export
     info = cli("info", "smollm2-135m-instruct", env=env)
-    assert "int8" in info.stdout and "perplexity" in info.stdout
+    assert "int4-exact" in info.stdout and "perplexity" in info.stdout
 
 
 def test_eval_command(tiny_llama, tmp_path):
@@ -274,8 +274,8 @@ def test_quantize_int8_dynamic_then_run_it(tiny_llama, tmp_path):
     assert json.loads(run.stdout)["tokens"]
 
 
-@pytest.mark.parametrize("meets,built", [(True, ["int8-dynamic"]), (False, ["int8-dynamic", "int4-exact"])])
-def test_pull_falls_back_to_int4_exact_when_int8_dynamic_misses_its_targets(monkeypatch, tmp_path, meets, built):
+@pytest.mark.parametrize("meets,built", [(True, ["int4-exact"]), (False, ["int4-exact", "int8-dynamic"])])
+def test_pull_falls_back_to_int8_dynamic_when_int4_exact_misses_its_targets(monkeypatch, tmp_path, meets, built):
     from types import SimpleNamespace
 
     from onnxllm import api
@@ -284,7 +284,7 @@ def test_pull_falls_back_to_int4_exact_when_int8_dynamic_misses_its_targets(monk
     monkeypatch.setattr(api, "cache_dir", lambda: tmp_path)
     monkeypatch.setattr(api, "export", lambda *a, **k: None)
     monkeypatch.setattr(api, "quantize", lambda target, scheme, **k: calls.append(scheme) or SimpleNamespace(
-        meets_targets=meets if scheme == "int8-dynamic" else True))
+        meets_targets=meets if scheme == "int4-exact" else True))
     assert api.pull("smollm2-135m-instruct") == tmp_path / "smollm2-135m-instruct"
     assert calls == built
 

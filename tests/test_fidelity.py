@@ -181,20 +181,32 @@ def test_smollm2_corpus_is_long_enough(smollm2_package):
 
 
 def test_int4_exact_scheme_computes_in_float32(package):
+    """The layers at accuracy level 1 (float32 activations), the 8-bit lm_head alone at level 4."""
+    import onnx
+
     pkg = package("llama")
     result = quantize(pkg, "int4-exact", evaluate=False, accuracy_level=4)  # the scheme fixes its own level
-    assert result.method.accuracy_level == 1 and result.method.lm_head.operator == "Gemm (fp32)"
+    assert result.method.accuracy_level == 1
+    assert (result.method.lm_head.bits, result.method.lm_head.operator, result.method.lm_head.accuracy_level) == \
+        (8, "MatMulNBits", 4)
     assert result.variant == "int4-exact" and (pkg / "onnx" / "model_q4_exact.onnx").is_file()
+    graph = onnx.load(str(pkg / "onnx" / "model_q4_exact.onnx"), load_external_data=False).graph
+    levels = {n.name: ({a.name: a.i for a in n.attribute}["accuracy_level"], {a.name: a.i for a in n.attribute}["bits"])
+              for n in graph.node if n.op_type == "MatMulNBits"}
+    heads = {k: v for k, v in levels.items() if "lm_head" in k}
+    assert list(heads.values()) == [(4, 8)] and set(v for k, v in levels.items() if k not in heads) == {(1, 4)}
+    assert read_manifest(pkg).variants["int4-exact"].method.lm_head.accuracy_level == 4  # recorded, read back
     report = quality.evaluate(pkg, "int4-exact", max_tokens=200, greedy_tokens=2, save=False)
     assert report.top1_agreement > 0.5  # a tiny random model re-quantized (no GGUF): RTN int4, not exact
 
 
 @pytest.mark.real
 def test_smollm2_int4_exact_keeps_fp32_answers(smollm2_package, tmp_path):
-    """The GGUF's Q4_1/Q8_0 blocks with float32 arithmetic: fp32's model on every route (~3 min)."""
+    """The GGUF's Q4_1/Q8_0 blocks with float32 arithmetic in the layers: fp32's model up to the lm_head's
+    int8 activations (measured top-1 98.6%, KL 0.0007 on the corpus), within int8's targets (~2 min)."""
     pkg = tmp_path / "smollm2"
     shutil.copytree(smollm2_package, pkg)
     result = quantize(pkg, "int4-exact")
     assert result.method.lossless is True and result.meets_targets
-    assert result.quality.top1_agreement >= 0.995 and result.quality.kl_divergence < 1e-3
+    assert result.quality.top1_agreement >= 0.97 and result.quality.kl_divergence <= 0.01
     assert read_manifest(pkg).default_variant["cpu"] == "int4-exact"

@@ -213,10 +213,11 @@ def _requantize_matmuls(model, targets: list[_Target], bits: int, block_size: in
 
 
 def _build(model, targets: list[_Target], *, block_size: int, symmetric: bool, accuracy_level: int,
-           dtype=np.float32):
+           dtype=np.float32, head_level: int | None = None):
     """Rewrite `model` in place: every target becomes its quantized form; unused float weights go.
 
     `dtype`: the graph's float type (float32 or float16), that of the scales and offsets written.
+    `head_level`: the lm_head's accuracy level, when not `accuracy_level`.
     """
     by_bits: dict[int, list[_Target]] = {}
     for t in targets:
@@ -236,7 +237,8 @@ def _build(model, targets: list[_Target], *, block_size: int, symmetric: bool, a
         if bw is None:  # a Gather cannot apply Q4_1 offsets: it gets its own tensor then
             usable = prior is not None and (t.kind != "embedding" or prior.offset is None)
             bw = prior if usable else quantize_rows(t.dense, t.bits, block_size=block_size, symmetric=symmetric)
-        replaced[t.node.name] = replacement_nodes(model, t.kind, t.node, t.weight, bw, accuracy_level, shared, dtype)
+        level = head_level if t.kind == "lm_head" and head_level is not None else accuracy_level
+        replaced[t.node.name] = replacement_nodes(model, t.kind, t.node, t.weight, bw, level, shared, dtype)
     nodes = []
     for node in model.graph.node:
         nodes.extend(replaced.get(node.name, [node]))
@@ -382,7 +384,7 @@ def quantize(package_dir: str | os.PathLike, scheme: str, options: QuantizeOptio
 
     say(f"quantizing {len(targets)} weights to {scheme}")
     model = _build(model, targets, block_size=opts.block_size, symmetric=opts.symmetric,
-                   accuracy_level=opts.accuracy_level, dtype=np_dtype)
+                   accuracy_level=opts.accuracy_level, dtype=np_dtype, head_level=_head_level(spec, head_bits))
     final.parent.mkdir(parents=True, exist_ok=True)
     commit = Commit(root, keep=QUALITY_FILE)
     # The temp folder lives beside the final file (same filesystem: the renames are atomic).
@@ -462,7 +464,8 @@ def _method(spec: Scheme, opts: QuantizeOptions, targets: list[_Target], *, dtyp
         bits=max(t.bits for t in targets) if spec.native_gguf else spec.bits,
         symmetric=opts.symmetric, accuracy_level=opts.accuracy_level, base=base, dtype=dtype, scales_dtype=dtype,
         lm_head=LmHeadMethod(head_bits if "lm_head" in kinds else 0,
-                             "MatMulNBits" if "lm_head" in kinds else f"Gemm ({plain})"),
+                             "MatMulNBits" if "lm_head" in kinds else f"Gemm ({plain})",
+                             _head_level(spec, head_bits) if "lm_head" in kinds else None),
         embedding=EmbeddingMethod(emb_bits if "embedding" in kinds else 0,
                                   "GatherBlockQuantized" if "embedding" in kinds else f"Gather ({plain})",
                                   _tied(targets) and head_bits == emb_bits),
@@ -474,6 +477,11 @@ def _method(spec: Scheme, opts: QuantizeOptions, targets: list[_Target], *, dtyp
         lossless_check=None if not (lossless and report) else LosslessCheck(
             LOSSLESS_MIN_TOP1, report.top1_agreement >= LOSSLESS_MIN_TOP1),
         size_ratio=round(ratio, 4), meets_targets=meets, onnxruntime=onnxruntime.__version__)
+
+
+def _head_level(spec: Scheme, head_bits: int) -> int | None:
+    """The lm_head's own accuracy level: the scheme's, for a quantized head."""
+    return spec.lm_head_accuracy_level if head_bits else None
 
 
 def _tied(targets: list[_Target]) -> bool:
