@@ -17,7 +17,7 @@ from _helpers import cli
 from onnxllm.api import quantize
 from onnxllm.errors import QuantizeError
 from onnxllm.package import read_manifest
-from onnxllm.quantize import quality
+from onnxllm.quantize import fidelity, quality
 from onnxllm.quantize.fidelity import (
     CORPUS_DIR,
     DRAFT_WIDTH,
@@ -165,6 +165,54 @@ def test_gate_scores_the_corpus_and_checks_kl(package, monkeypatch):
     monkeypatch.setattr(Q, "_size_target", lambda *a: 1.0)  # tiny models miss the size target (rotary tables)
     result = quantize(pkg, "int8", eval_tokens=100, force=True)
     assert result.meets_targets is False and "KL 0.0200" in " ".join(result.warnings)
+
+
+@pytest.mark.filterwarnings("ignore:the int4 variant is far from fp32", "ignore:the int8-dynamic variant misses")
+def test_gate_samples_the_slow_routes_only_where_they_round_alike(quantized, package, monkeypatch):
+    """MatMulNBits quantizes each token on its own, so the gate scores decode and draft passes on a sample,
+    checked against prefill on the same tokens; DynamicQuantizeMatMul shares a scale across a pass's tokens,
+    so int8-dynamic's routes are scored whole."""
+    manifest = read_manifest(quantized)
+    assert fidelity.routes_round_alike(quantized / manifest.variants["int8"].file)
+    report = quality.score_file(quantized, quantized / manifest.variants["int8"].file, variant_name="int8",
+                                reference="fp32", max_tokens=600, greedy_tokens=2, route_tokens=120)
+    full = report.paths["prefill"]["tokens"]
+    assert full >= 550 and all(110 <= report.paths[r]["tokens"] <= 130 for r in ("decode", "draft"))
+    assert set(report.paths["decode"]["by_kind"]) == set(KINDS)  # the sample is shared among the kinds
+    # the headline comes from the whole-text route, not the sample
+    assert report.top1_agreement == report.paths["prefill"]["top1_agreement"] and report.tokens == full
+    info_lines = quality.format_report(report)
+    assert "prefill" in info_lines
+
+    # a route that rounds differently on the sample is scored on the whole text after all
+    real = fidelity.route_logits
+
+    def noisy(session, ids, path):
+        out = real(session, ids, path)
+        return out + np.random.default_rng(len(ids)).normal(0, 3.0, out.shape).astype(np.float32) \
+            if path == "decode" else out
+
+    monkeypatch.setattr(fidelity, "route_logits", noisy)
+    again = quality.score_file(quantized, quantized / manifest.variants["int8"].file, variant_name="int8",
+                               reference="fp32", max_tokens=600, greedy_tokens=0, route_tokens=120)
+    assert again.paths["decode"]["tokens"] == again.paths["draft"]["tokens"] == full
+    assert again.top1_agreement == again.paths["decode"]["top1_agreement"] < report.top1_agreement
+    monkeypatch.undo()
+
+    # what the quantizer's gate asks for: a sample for MatMulNBits graphs, the whole text for int8-dynamic
+    asked = {}
+    real_score = Q.score_file
+
+    def score(*args, **kw):
+        asked[kw["variant_name"]] = kw["route_tokens"]
+        return real_score(*args, **{**kw, "max_tokens": 60, "greedy_tokens": 0})
+
+    monkeypatch.setattr(Q, "score_file", score)
+    pkg = package("llama")
+    quantize(pkg, "int4", eval_tokens=60)
+    quantize(pkg, "int8-dynamic", eval_tokens=60)
+    assert asked == {"int4": fidelity.ROUTE_SAMPLE, "int8-dynamic": None}
+    assert not fidelity.routes_round_alike(pkg / read_manifest(pkg).variants["int8-dynamic"].file)
 
 
 @pytest.mark.real

@@ -14,6 +14,13 @@ measured is what `onnxllm run` computes. The reference's logits come from its pr
 rounds the routes alike to ~1e-6). Greedy agreement: each of several short prompts is answered by
 both models with the generation loop (drafts on, as by default), and the tokens before the first
 difference are counted.
+
+The quantizer's gate may take the decode and draft routes on a sample (`route_tokens`): where no
+operator of the variant shares a quantization scale across the tokens of a pass (MatMulNBits quantizes
+each row of its input on its own, at every accuracy level), the three routes compute the same numbers
+(measured on SmolLM2 int4-exact: equal figures to four digits) and one-token passes are what costs
+(2/3 of the gate's time). The sample is checked against the prefill route on the same tokens; when
+they differ by more than ROUTE_TOLERANCE the routes are scored on the whole corpus after all.
 """
 
 from __future__ import annotations
@@ -36,6 +43,11 @@ DRAFT_WIDTH = 5  # the last token + 4 guesses: the first draft length generate_t
 CORPUS_TOKENS = 4096  # tokens scored by default, shared evenly among the passages
 GREEDY_TOKENS = 32  # per prompt
 _ROWS = 128  # log-softmax rows computed at once (a (128, 49152) float64 block is 48 MiB)
+ROUTE_SAMPLE = 512  # decode/draft tokens the gate scores when the routes round alike (see above)
+ROUTE_TOLERANCE = (0.005, 0.001)  # top-1 points, KL nats: a sampled route this close to prefill's is alike
+# Operators whose activation scale covers every token of a pass: with them the routes round differently.
+PASS_SCALED_OPS = frozenset({"DynamicQuantizeMatMul", "DynamicQuantizeLinear", "MatMulInteger", "QAttention",
+                             "DynamicQuantizeLSTM", "QLinearMatMul", "QuantizeLinear"})
 
 
 @dataclass(frozen=True)
@@ -182,8 +194,20 @@ def _shares(lengths: list[int], budget: int) -> list[int]:
     return shares
 
 
-def _windows(ids: list[int], size: int) -> list[list[int]]:
-    return [ids[i:i + size] for i in range(0, len(ids), size) if len(ids[i:i + size]) >= 2]
+def routes_round_alike(onnx_path: str | os.PathLike) -> bool:
+    """True when no operator of the graph shares an activation scale across a pass's tokens (PASS_SCALED_OPS),
+    so prefill, decode and draft passes compute the same numbers and the gate may sample the slow routes."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node} | {n.op_type for f in model.functions for n in f.node}
+    return not ops & PASS_SCALED_OPS
+
+
+def _alike(route: PathFigures, prefill: PathFigures) -> bool:
+    top1, kl = ROUTE_TOLERANCE
+    return abs(route.top1_agreement - prefill.top1_agreement) <= top1 and \
+        abs(route.kl_divergence - prefill.kl_divergence) <= kl
 
 
 @dataclass(frozen=True)
@@ -195,32 +219,59 @@ class Measured:
     greedy_agreement: int  # tokens equal to the reference's before the first difference, summed over prompts
     greedy_tokens: int  # the reference's answer lengths, summed
     greedy_prompts: int
+    sampled: tuple[str, ...] = ()  # routes scored on a sample (route_tokens) and found alike to prefill's
+
+    def headline(self) -> tuple[PathFigures, ...]:
+        """The routes the headline figures come from: those scored on the whole text (a sampled route,
+        checked alike to prefill on its tokens, would add only its sample's noise)."""
+        return tuple(p for p in self.paths if p.path not in self.sampled) or self.paths
 
 
 def measure(variant_session, reference_model, passages: Sequence[Passage], *, tokens: int = CORPUS_TOKENS,
             paths: Sequence[str] = PATHS, prompts: Sequence[str | list[int]] = (), greedy_tokens: int = GREEDY_TOKENS,
-            greedy_session=None) -> Measured:
+            greedy_session=None, route_tokens: int | None = None) -> Measured:
     """Score `variant_session` against `reference_model` (a loaded Model: its tokenizer, chat template and
     session) on `passages`, `tokens` tokens in all shared evenly among them, each cut into windows that fit
     the context. `prompts` (text, chat-rendered when the model has a template, or token ids) are answered
     greedily by both for the greedy agreement. `greedy_session`: the variant's session for that
-    (default `variant_session`)."""
+    (default `variant_session`). `route_tokens`: score the routes other than prefill on that many tokens
+    only, shared among the passages likewise, and on all of them if the sample is not alike to prefill's."""
     ref = reference_model.session
     context = min(ref.context, variant_session.context)
     window = min(context, 1024)
     encoded = [(p.kind, _encode(reference_model, p)) for p in passages]
+    shares = _shares([len(ids) for _, ids in encoded], tokens)
+    sample = _shares(shares, route_tokens) if route_tokens and "prefill" in paths else shares
+    sampling = sample != shares
     stats = {p: _Stats() for p in paths}
+    alike = _Stats()  # the prefill route on the sampled tokens, to check the sampled routes against
     reference = _Stats()
     scored = 0
-    for (kind, ids), share in zip(encoded, _shares([len(ids) for _, ids in encoded], tokens)):
-        for win in _windows(ids[:share], window):
+    for (kind, ids), share, sampled in zip(encoded, shares, sample):
+        for start in range(0, share, window):
+            win = ids[start:min(share, start + window)]
+            if len(win) < 2:
+                continue
             ref_logits = route_logits(ref, win, "prefill")
             reference.add(kind, ref_logits, ref_logits, win)
+            part = win[:max(0, sampled - start)]  # this window's tokens inside the passage's sample
             for p in paths:
-                stats[p].add(kind, route_logits(variant_session, win, p), ref_logits, win)
+                if p == "prefill" or len(part) == len(win):
+                    logits = route_logits(variant_session, win, p)
+                    stats[p].add(kind, logits, ref_logits, win)
+                    if p == "prefill" and sampling and len(part) >= 2:
+                        alike.add(kind, logits[:len(part)], ref_logits[:len(part)], part)
+                elif len(part) >= 2:
+                    stats[p].add(kind, route_logits(variant_session, part, p), ref_logits[:len(part)], part)
             scored += len(win)
     if not scored:
         raise QuantizeError("the evaluation text is too short: it needs at least 2 tokens")
+    sampled_paths = tuple(p for p in paths if p != "prefill" and stats[p].n < stats["prefill"].n) \
+        if "prefill" in paths else ()
+    if sampled_paths and not all(_alike(stats[p].figures(p), alike.figures("prefill")) for p in sampled_paths):
+        # the routes round differently after all: score them on the whole text
+        return measure(variant_session, reference_model, passages, tokens=tokens, paths=paths, prompts=prompts,
+                       greedy_tokens=greedy_tokens, greedy_session=greedy_session)
     agree = total = 0
     eos = reference_model.manifest.eos_token_ids
     for prompt in prompts:
@@ -234,7 +285,7 @@ def measure(variant_session, reference_model, passages: Sequence[Passage], *, to
                 break
             agree += 1
     return Measured(tuple(stats[p].figures(p) for p in paths), round(reference.perplexity(), 4), agree, total,
-                    len(prompts))
+                    len(prompts), sampled_paths)
 
 
 def open_variant(onnx_path: str | os.PathLike, manifest: Manifest, *, threads: int | None = None):

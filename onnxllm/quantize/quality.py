@@ -215,10 +215,12 @@ def save_quality(package_dir: str | os.PathLike, report: QualityReport) -> None:
 
 def score_file(package_dir: str | os.PathLike, onnx_path: str | os.PathLike, *, variant_name: str, reference: str,
                text: str | None = None, max_tokens: int = CORPUS_TOKENS, greedy_tokens: int = GREEDY_NEW_TOKENS,
-               threads: int | None = None) -> QualityReport:
+               threads: int | None = None, route_tokens: int | None = None) -> QualityReport:
     """The QualityReport of the graph at `onnx_path` (a package variant, or one staged by the quantizer)
     against the package's `reference` variant, on the fidelity corpus (text None) or on `text`, along
-    every route (fidelity.PATHS); the headline figures are the worst route's."""
+    every route (fidelity.PATHS); the headline figures are the worst route's. `route_tokens`: the decode
+    and draft routes on a sample of that many tokens (fidelity.measure), for a graph whose routes round
+    alike."""
     from .fidelity import PATHS, Passage, corpus, greedy_prompts, load_reference, measure, open_variant
 
     model = load_reference(package_dir, reference, threads=threads)
@@ -231,14 +233,15 @@ def score_file(package_dir: str | os.PathLike, onnx_path: str | os.PathLike, *, 
         prompts = []
     variant = open_variant(onnx_path, model.manifest, threads=threads)
     m = measure(variant, model, passages, tokens=max_tokens, paths=PATHS, prompts=prompts,
-                greedy_tokens=greedy_tokens)
-    worst = max(m.paths, key=lambda p: p.perplexity)
+                greedy_tokens=greedy_tokens, route_tokens=route_tokens)
+    head = m.headline()
+    worst = max(head, key=lambda p: p.perplexity)
     return QualityReport(variant=variant_name, reference=reference, text="corpus" if text is None else "custom",
                          tokens=m.paths[0].tokens, perplexity=worst.perplexity,
                          reference_perplexity=m.reference_perplexity,
                          perplexity_change=round(worst.perplexity / m.reference_perplexity - 1.0, 5),
-                         kl_divergence=max(p.kl_divergence for p in m.paths),
-                         top1_agreement=min(p.top1_agreement for p in m.paths),
+                         kl_divergence=max(p.kl_divergence for p in head),
+                         top1_agreement=min(p.top1_agreement for p in head),
                          greedy_agreement=m.greedy_agreement, greedy_tokens=m.greedy_tokens,
                          greedy_prompts=m.greedy_prompts, paths={p.path: p.to_dict() for p in m.paths})
 

@@ -30,9 +30,10 @@ import numpy as np
 
 from ..errors import QuantizeError
 from ..methods import EmbeddingMethod, LmHeadMethod, LosslessCheck, QualityTargets, QuantizeMethod
-from ..package import MANIFEST, Variant, check_can_create, onnx_bytes, read_manifest, safe_path, write_manifest
-from ..package import load_onnx
+from ..package import (MANIFEST, Variant, check_can_create, load_onnx, onnx_bytes, read_manifest, safe_path,
+                       write_manifest)
 from ..package import save_onnx as _save
+from .fidelity import ROUTE_SAMPLE, routes_round_alike
 from .gguf_blocks import GGUFBlocks, find_source_gguf, matches_dense, parts_of
 from .quality import (
     CORPUS_TOKENS,
@@ -400,9 +401,12 @@ def quantize(package_dir: str | os.PathLike, scheme: str, options: QuantizeOptio
             say("checking that ONNX Runtime loads it")
             DecoderRunner(staged, manifest)
         else:
-            say(f"evaluating against {base} on {opts.eval_tokens} tokens of the fidelity corpus (prefill, decode, "
-                "drafts)")
-            report = score_file(root, staged, variant_name=scheme, reference=base, max_tokens=opts.eval_tokens)
+            # decode and draft passes on a sample where no operator shares a scale across a pass's tokens
+            sample = ROUTE_SAMPLE if routes_round_alike(staged) else None
+            routes = "decode and drafts on a sample" if sample else "decode, drafts"
+            say(f"evaluating against {base} on {opts.eval_tokens} tokens of the fidelity corpus (prefill, {routes})")
+            report = score_file(root, staged, variant_name=scheme, reference=base, max_tokens=opts.eval_tokens,
+                                route_tokens=sample)
             meets = _meets(spec, report, ratio, _size_target(spec, dtype))
             if report.top1_agreement < WARN_TOP1:
                 notes.append(f"WARNING: the {scheme} variant is far from {base}: top-1 agreement "
