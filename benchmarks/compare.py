@@ -25,7 +25,8 @@ The peers' models are built once and cached under benchmarks/.peers/models:
                 files from the onnxllm package: transformers' GGUF tokenizer conversion is wrong here)
   optimum       ORTModelForCausalLM export of that checkpoint (fp32) + ORTQuantizer dynamic int8
   transformers  the same checkpoint in PyTorch fp32
-  onnxllm       `onnxllm export smollm2-135m-instruct` + `onnxllm quantize --scheme int8|int4`
+  onnxllm       `onnxllm export smollm2-135m-instruct` + `onnxllm quantize --scheme int4-exact|int4|int8|...`
+                (int4-exact, the GGUF's 4-bit weights with float32 activations, is the CPU default)
 
 This file is run by each venv's python: keep its top-level imports, and those of compare_lib, to the
 standard library.

@@ -160,8 +160,9 @@ def issue_targets(rows: list[dict], lengths: list[int], *, default: str, scale: 
     chat decode: the default variant (drafts on) against the fastest peer, greedy and sampled, >= 1.3x;
     one token per step: the fastest onnxllm /no-draft row against genai int4 and llama.cpp Q4_0, >= 1.1x;
     prefill: the default against the fastest peer at each prompt length, >= 1.5x;
-    peak RSS: onnxllm int4 against the leanest llama.cpp int4 file, the default (8-bit) against the leanest
-    8-bit peer, <= 1.10x; load: the default < 1 s (135M only)."""
+    peak RSS, <= 1.10x: the leanest onnxllm 4-bit row (int4-exact, int4) against llama.cpp Q4_0 / Q4_K_M, and
+    the leanest onnxllm 8-bit row (int8-dynamic, int8) against llama.cpp Q8_0 / genai int8;
+    load: the default < 1 s (135M only)."""
     from .common import NO_DRAFT
 
     by = {(r["runtime"], r["variant"]): r for r in rows}
@@ -198,11 +199,10 @@ def issue_targets(rows: list[dict], lengths: list[int], *, default: str, scale: 
         mine, theirs = _at(prefill_row, n, "prefill_tok_s"), _at(best, n, "prefill_tok_s")
         out.append(_target(f"{scale} prefill @{n}: {prefill_row['variant']} >= 1.5x the fastest peer",
                            f"{mine:.0f} vs {_label(best)} {theirs:.0f}", mine / theirs, 1.5))
-    for mine_key, peer_keys, bits in ((("int4", "int4/no-draft"), ("Q4_0", "Q4_K_M"), "int4"),
-                                      ((default, default + NO_DRAFT), ("Q8_0",), "8-bit")):
-        mine = [by[("onnxllm", v)] for v in mine_key if ("onnxllm", v) in by]
-        theirs = [by[(rt, v)] for rt, v in [("llamacpp", k) for k in peer_keys] + [("genai", "int8")] * (bits != "int4")
-                  if (rt, v) in by]
+    for mine_base, peer_keys, bits in ((("int4-exact", "int4"), (("llamacpp", "Q4_0"), ("llamacpp", "Q4_K_M")), "4-bit"),
+                                       (("int8-dynamic", "int8"), (("llamacpp", "Q8_0"), ("genai", "int8")), "8-bit")):
+        mine = [by[("onnxllm", v)] for b in mine_base for v in (b, b + NO_DRAFT) if ("onnxllm", v) in by]
+        theirs = [by[k] for k in peer_keys if k in by]
         if not mine or not theirs:
             continue
         m, t = min(mine, key=lambda r: r["peak_rss_mib"]), min(theirs, key=lambda r: r["peak_rss_mib"])

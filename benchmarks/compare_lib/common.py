@@ -30,7 +30,9 @@ RUNTIME_LABEL = {
 }
 ALL_VARIANTS = {
     # onnxllm decodes with prompt-lookup drafts (8 at most), as `onnxllm run` does; "/no-draft": one token per step.
-    "onnxllm": ["int4", "int4/no-draft", "int8", "int8-dynamic", "int8-dynamic/no-draft", "fp32"],
+    # int4-exact: the GGUF's 4-bit weights imported as they are, float32 activations (the default on CPU).
+    "onnxllm": ["int4-exact", "int4-exact/no-draft", "int4", "int4/no-draft", "int8", "int8-dynamic",
+                "int8-dynamic/no-draft", "fp32"],
     # "/lookup": llama-cpp-python's own prompt-lookup speculation (LlamaPromptLookupDecoding), opt-in there.
     "llamacpp": ["Q4_0", "Q4_0/lookup", "Q4_1", "Q8_0"],
     "genai": ["int4", "int8", "fp32"],
@@ -40,12 +42,12 @@ ALL_VARIANTS = {
 # KV cache element size per runtime (bytes): llama.cpp keeps an f16 cache by default, the others fp32.
 KV_BYTES = {"llamacpp": 2}
 CATALOG_NAME = "smollm2-135m-instruct"
-DEFAULT_VARIANT = "int8-dynamic"  # what `onnxllm run smollm2-135m-instruct` builds and runs on CPU
+DEFAULT_VARIANT = "int4-exact"  # what `onnxllm run smollm2-135m-instruct` builds and runs on CPU
 NO_DRAFT, LOOKUP = "/no-draft", "/lookup"
 
 
 def base_variant(variant: str) -> str:
-    """The weights a row runs: "int8-dynamic/no-draft" -> "int8-dynamic", "Q4_0/lookup" -> "Q4_0"."""
+    """The weights a row runs: "int4-exact/no-draft" -> "int4-exact", "Q4_0/lookup" -> "Q4_0"."""
     return variant.split("/", 1)[0]
 
 

@@ -3,6 +3,8 @@ each runtime at 4 and 8 bits from the same checkpoint, one token per step (rando
 pointless), the same Hamlet token ids as the 135M rows (valid ids of every vocabulary here).
 
     onnxllm    `onnxllm export CKPT` + `onnxllm quantize --scheme int4 | int8-dynamic` (RTN from float16 weights)
+               (not int4-exact, the 135M default: it imports a GGUF's 4-bit blocks, and these packages come
+               from safetensors)
     genai      onnxruntime-genai's builder, -p int4 / int8, on the checkpoint
     llamacpp   the checkpoint written as an F16 GGUF, then llama_model_quantize to Q4_0 / Q4_K_M / Q8_0
 """
