@@ -52,7 +52,7 @@ from compare_lib.analysis import (
     merge_attempts,
 )
 from compare_lib.builders import build_main
-from compare_lib.common import DEFAULT_VARIANT, MODELS, PEERS, ROOT, gguf_path
+from compare_lib.common import DEFAULT_VARIANT, MODELS, PEERS, ROOT, base_variant, gguf_path
 from compare_lib.machine import (
     bw_line,
     cpu_flags,
@@ -90,6 +90,9 @@ def orchestrate(args) -> None:
         ]
     )
     log(f"== compare.py {time.strftime('%Y-%m-%d %H:%M:%S')}: {command}")
+    if args.build_only:
+        build_only(args, runner)
+        return
     flags = cpu_flags()
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                "platform": platform.platform(),
@@ -246,6 +249,52 @@ def orchestrate(args) -> None:
             subprocess.run([str(py), __file__, "--plot-from", str(out_json), "--plot-to", args.plot], check=False)
 
 
+def _model_size(runtime: str, variant: str, model: Path) -> int:
+    """Bytes on disk of what a row loads: the onnxllm variant's files, else the GGUF or the model folder."""
+    if runtime == "onnxllm":
+        try:
+            v = json.loads((model / "onnxllm.json").read_text())["variants"][variant]
+            onnx = model / v["file"]
+            return sum(f.stat().st_size for f in onnx.parent.glob(onnx.name + "*") if f.is_file())
+        except (OSError, KeyError, ValueError):
+            return 0
+    if model.is_dir():
+        return sum(f.stat().st_size for f in model.rglob("*") if f.is_file())
+    return model.stat().st_size if model.exists() else 0
+
+
+def build_only(args, runner) -> None:
+    """--build-only: build and cache every model the selected rows need (Runner.model_for for the SmolLM2
+    rows, ScaleModels.model_for for the --scale rows), one at a time; time no row."""
+    jobs = [("SmolLM2", rt, v, runner.model_for) for rt, v in ([] if args.scale_only else selected(args.only))]
+    for name in [x.strip() for x in (args.scale or "").split(",") if x.strip()]:
+        models = ScaleModels(runner, name)
+        jobs += [(name, rt, v, models.model_for) for rt, v in scale_pairs(args.only)]
+    done: dict[tuple[str, str, str], str] = {}  # rows that share weights ("X" and "X/no-draft") build once
+    lines = []
+    for scale, runtime, variant, model_for in jobs:
+        key = (scale, runtime, base_variant(variant))
+        if key in done:
+            lines.append(f"{scale} {runtime} {variant}: same model as {done[key]}")
+            continue
+        runner.log(f"-- build {scale}: {runtime} {base_variant(variant)}")
+        before, t0 = runner.commands, time.perf_counter()
+        model, why = model_for(runtime, variant)
+        secs = time.perf_counter() - t0
+        done[key] = f"{runtime} {variant}"
+        if model is None:
+            runner.fail(runtime, f"{variant} @{scale}", why)
+            lines.append(f"{scale} {runtime} {variant}: NOT BUILT ({secs:.0f} s): {why}")
+            continue
+        how = f"built in {secs:.0f} s" if runner.commands > before else "cached"
+        size = _model_size(runtime, base_variant(variant), model)
+        lines.append(f"{scale} {runtime} {variant}: {how}, {size / 2**20:.0f} MiB: {model}")
+    runner.log("\n== build-only: " + ("\n   " + "\n   ".join(lines) if lines else "no rows selected"))
+    print("\n".join(lines))
+    if runner.failures:
+        sys.exit(1)
+
+
 def run_scales(args, runner, hamlet: list[list[int]], lengths: list[int], show) -> dict:
     """Every runtime of the scale workload (compare_lib/scale.py) on each --scale checkpoint, one after another."""
     out = {}
@@ -312,6 +361,8 @@ def main() -> None:
     p.add_argument("--scale", help="also the scale workload on these random-weight shapes (comma-separated: "
                                    "qwen2.5-0.5b, llama-3.2-1b, qwen3-1.7b); needs ~10 GB of free memory")
     p.add_argument("--scale-only", action="store_true", help="with --scale: skip the SmolLM2 rows")
+    p.add_argument("--build-only", action="store_true",
+                   help="build and cache the models the selected rows (and --scale rows) need, time nothing")
     p.add_argument("--chat-runs", type=int, default=3, help="timed passes over the chat instructions (median)")
     p.add_argument("--json-out", help="where to write the raw JSON (default benchmarks/.peers/last_compare.json)")
     p.add_argument("--plot", help="also draw the chart to this PNG (needs matplotlib in a peer venv)")

@@ -35,8 +35,11 @@ class Runner:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.logf = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
         self.failures: list[dict] = []
+        self.commands = 0  # build/export/worker commands run so far (every one is logged as "$ ...")
 
     def log(self, msg: str) -> None:
+        if msg.startswith("$ "):
+            self.commands += 1
         print(msg, file=sys.stderr, flush=True)
         self.logf.write(msg + "\n")
         self.logf.flush()
