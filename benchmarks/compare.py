@@ -289,8 +289,10 @@ def build_only(args, runner) -> None:
         how = f"built in {secs:.0f} s" if runner.commands > before else "cached"
         size = _model_size(runtime, base_variant(variant), model)
         lines.append(f"{scale} {runtime} {variant}: {how}, {size / 2**20:.0f} MiB: {model}")
-    runner.log("\n== build-only: " + ("\n   " + "\n   ".join(lines) if lines else "no rows selected"))
-    print("\n".join(lines))
+    summary = "\n== build-only:\n" + ("\n".join(lines) if lines else "no rows selected")
+    runner.logf.write(summary + "\n")  # once to the log, once to stdout (runner.log would print it on stderr too)
+    runner.logf.flush()
+    print(summary)
     if runner.failures:
         sys.exit(1)
 
