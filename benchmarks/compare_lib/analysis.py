@@ -199,8 +199,9 @@ def issue_targets(rows: list[dict], lengths: list[int], *, default: str, scale: 
         mine, theirs = _at(prefill_row, n, "prefill_tok_s"), _at(best, n, "prefill_tok_s")
         out.append(_target(f"{scale} prefill @{n}: {prefill_row['variant']} >= 1.5x the fastest peer",
                            f"{mine:.0f} vs {_label(best)} {theirs:.0f}", mine / theirs, 1.5))
-    for mine_base, peer_keys, bits in ((("int4-exact", "int4"), (("llamacpp", "Q4_0"), ("llamacpp", "Q4_K_M")), "4-bit"),
-                                       (("int8-dynamic", "int8"), (("llamacpp", "Q8_0"), ("genai", "int8")), "8-bit")):
+    rss_groups = ((("int4-exact", "int4"), (("llamacpp", "Q4_0"), ("llamacpp", "Q4_K_M")), "4-bit"),
+                  (("int8-dynamic", "int8"), (("llamacpp", "Q8_0"), ("genai", "int8")), "8-bit"))
+    for mine_base, peer_keys, bits in rss_groups:
         mine = [by[("onnxllm", v)] for b in mine_base for v in (b, b + NO_DRAFT) if ("onnxllm", v) in by]
         theirs = [by[k] for k in peer_keys if k in by]
         if not mine or not theirs:
