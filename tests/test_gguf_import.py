@@ -328,3 +328,22 @@ def test_smollm2_requantized_imports_losslessly(kind, tmp_path):
     model = onnxllm.load(pkg, variant="gguf")
     answer = model.generate("The capital of France is", max_tokens=8, chat=False)
     assert "Paris" in answer.text
+
+
+def test_export_and_quantize_parse_the_file_once(tmp_path, monkeypatch):
+    """The source check, the tokenizer, the weights, the manifest and the quantizer's block import share one
+    parsed reader (parsing a real vocabulary costs seconds); a changed file is parsed again."""
+    from onnxllm.exporter import gguf_model
+
+    gguf_model._parsed.cache_clear()
+    parsed = []
+    real = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parsed.append(a[0]) or real(*a, **k))
+    path = write_tiny_llama(tmp_path / "m.gguf", {"attn_q": "Q4_0"})
+    pkg = export(path, tmp_path / "pkg", options=ExportOptions(verify=False))
+    quantize(pkg, "gguf", evaluate=False)
+    assert len(parsed) == 1
+    assert "Q4_0" in check_gguf_file(path) and len(parsed) == 1
+    write_tiny_llama(path, {"attn_q": "Q8_0"}, seed=1)  # rewritten in place: read afresh
+    types = check_gguf_file(path)
+    assert "Q8_0" in types and "Q4_0" not in types and len(parsed) == 2

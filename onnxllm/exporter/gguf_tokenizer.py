@@ -91,17 +91,9 @@ class GGUFTokenizerInfo:
 
 
 def _open(path: Path):
-    import gguf  # exporter-only dependency; imported late so the runtime never needs it
+    from .gguf_model import open_reader  # parsed once per process (the exporter reads the file again)
 
-    if not path.is_file():
-        raise ModelNotFoundError(f"GGUF file not found: {path}")
-    try:
-        return gguf.GGUFReader(path, "r")
-    except Exception as e:  # GGUFReader raises ValueError, struct/numpy errors, IndexError, ...
-        raise InvalidPackageError(
-            f"{path} is not a valid GGUF file ({type(e).__name__}): {e}. "
-            "Re-download it or point at another file."
-        ) from e
+    return open_reader(path)
 
 
 def _field(reader, key: str, default=None):

@@ -284,11 +284,12 @@ class GGUFBlocks:
     """Reads a GGUF once; `weight(onnx_initializer_name)` gives that graph weight in MatMulNBits layout."""
 
     def __init__(self, path: str | os.PathLike):
-        import gguf
+        from ..errors import InvalidPackageError, ModelNotFoundError
+        from ..exporter.gguf_model import open_reader  # parsed once per process: the export just read it
 
         try:
-            self.reader = gguf.GGUFReader(str(path))
-        except Exception as exc:  # noqa: BLE001 - the reader raises ValueError, struct.error... on garbage
+            self.reader = open_reader(path)
+        except (InvalidPackageError, ModelNotFoundError) as exc:
             raise QuantizeError(f"cannot read {path} as GGUF: {exc}") from None
         self.path = Path(path)
         self.tensors = {t.name: t for t in self.reader.tensors}
