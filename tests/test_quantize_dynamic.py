@@ -43,3 +43,24 @@ def test_int8_dynamic_smoothing_alone_is_exact(package, tmp_path):
         onnx.save(model, str(smoothed))
         np.testing.assert_allclose(DecoderRunner(smoothed, m).logits(IDS), logits(pkg, "fp32", IDS),
                                    rtol=1e-3, atol=1e-4)
+
+
+def test_probe_session_reads_the_weights_from_a_file_and_leaves_the_model_alone(package):
+    """The calibration probe hands ONNX Runtime a graph file with its weights in a data file beside it (a
+    protobuf cannot hold a 1B float32 model), made without copying or touching `model`'s tensors."""
+    from onnxllm.decoder_io import DecoderIO
+    from onnxllm.quantize.dynamic import probe_session
+
+    pkg = package("llama")
+    manifest = read_manifest(pkg)
+    model = onnx.load(str(pkg / manifest.variants["fp32"].file))
+    before = model.SerializeToString()
+    tensors = list(model.graph.initializer)
+    name = next(n.output[0] for n in model.graph.node if n.op_type == "MatMul")
+    session = probe_session(model, [name])
+    assert model.SerializeToString() == before
+    assert all(a is b for a, b in zip(tensors, model.graph.initializer))  # the same objects, not copies
+    io = DecoderIO.from_manifest(manifest)
+    outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, io.feed(IDS))))
+    assert outs[name].shape[:2] == (1, len(IDS))
+    np.testing.assert_allclose(outs[io.names.logits][0], logits(pkg, "fp32", IDS), atol=1e-4, rtol=1e-4)

@@ -17,6 +17,9 @@ when it is smoothed too). Names follow onnxllm's graph builder (exporter/graph.p
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 
 from ..decoder_io import DecoderIO
@@ -63,17 +66,68 @@ def _put(inits, name, array) -> None:
 
 
 def probe_session(model, names: list[str]):
-    """A CPU session over a copy of `model` that also outputs the named (float) intermediate tensors."""
+    """A CPU session over `model` that also outputs the named (float) intermediate tensors; `model` is
+    left as it was.
+
+    The graph goes to ONNX Runtime as a file whose weights lie in a data file beside it, written from the
+    initializers' bytes: a protobuf cannot hold 2 GiB (a 1B model in float32 failed to serialize), and no
+    second copy of the weights is made in memory (ORT maps the file)."""
     import onnx
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = _without_initializers(model)
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session
+    with tempfile.TemporaryDirectory(prefix="onnxllm-probe-") as scratch:
+        path = Path(scratch) / "probe.onnx"
+        with open(path.with_name("probe.onnx.data"), "wb") as data:
+            for tensor in model.graph.initializer:
+                probe.graph.initializer.append(_external_copy(tensor, data, "probe.onnx.data"))
+        path.write_bytes(probe.SerializeToString())
+        # the session reads the data while it is built; nothing refers to the folder afterwards
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _without_initializers(model):
+    """A copy of `model` with every part but the graph's initializers (`model` itself is not touched: its
+    tensors are referenced elsewhere while they are rewritten)."""
+    import onnx
+
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, skip="graph")
+    _copy_fields(model.graph, shell.graph, skip="initializer")
+    return shell
+
+
+def _copy_fields(src, dst, *, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def _external_copy(tensor, data, location: str):
+    """`tensor`'s header pointing at its bytes, appended to the open file `data` (small ones stay inline)."""
+    import onnx
+
+    if not tensor.HasField("raw_data") or len(tensor.raw_data) < 1024:
+        return tensor
+    header = onnx.TensorProto()
+    header.name, header.data_type = tensor.name, tensor.data_type
+    header.dims.extend(tensor.dims)
+    offset = data.tell()
+    data.write(tensor.raw_data)
+    header.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(tensor.raw_data)))):
+        entry = header.external_data.add()
+        entry.key, entry.value = key, value
+    return header
 
 
 def activation_ranges(model, manifest, ids: list[int], names: list[str]) -> dict[str, np.ndarray]:
