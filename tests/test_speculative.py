@@ -59,6 +59,74 @@ def test_a_rejected_draft_is_replaced_and_rewound():
     assert session.tokens == path[: len(session.tokens)]
 
 
+class _PositionalSession(VerifyingFakeSession):
+    """The token after position i is answer[i - prompt length]: a text whose successors lookup can miss."""
+
+    context = 200
+
+    def __init__(self, prompt_len: int, answer: list[int], verify_cost):
+        super().__init__(vocab=64)
+        self.prompt_len, self.answer, self.verify_cost = prompt_len, answer, verify_cost
+
+    def reserve(self, total):
+        assert total <= self.context
+
+    def forward(self, ids, *, all_logits=False):
+        self.fed.append(list(ids))
+        start = len(self.tokens)
+        self.tokens.extend(ids)
+        rows = np.zeros((len(self.tokens) - start, self.vocab), np.float32)
+        for r, i in enumerate(range(start, len(self.tokens))):
+            rows[r, self.answer[min(i + 1 - self.prompt_len, len(self.answer) - 1)]] = 5.0
+        return rows if all_logits else rows[-1]
+
+
+def test_expensive_verify_passes_draft_only_while_the_guesses_pay():
+    """Where a multi-token pass costs ~2.3x a one-token pass (float32-activation int4 on CPU), drafts stop
+    once guesses miss and resume when the text repeats; the tokens are the same either way."""
+    from onnxllm.runtime.lookup import CHEAP_VERIFY, EXPENSIVE_VERIFY, DraftGate
+
+    # 40 tokens where every "1" is followed by a new number (lookup's guess after 1 is always wrong), then a
+    # 3-token loop lookup predicts
+    answer = [t for k in range(20) for t in (1, 10 + k)] + [5, 6, 7] * 20
+    prompt = [1, 9]
+    runs = {}
+    for name, cost in (("cheap", CHEAP_VERIFY), ("expensive", EXPENSIVE_VERIFY)):
+        session = _PositionalSession(len(prompt), answer, cost)
+        events = list(generate_tokens(session, prompt, GenerationConfig(max_tokens=90, draft_tokens=8)))
+        runs[name] = (_tokens(events), events[-1].timings, session.fed[1:])
+    plain = list(generate_tokens(_PositionalSession(len(prompt), answer, CHEAP_VERIFY), prompt,
+                                 GenerationConfig(max_tokens=90, draft_tokens=0)))
+    assert runs["cheap"][0] == runs["expensive"][0] == _tokens(plain) == answer[:90]
+    cheap, expensive = runs["cheap"][1], runs["expensive"][1]
+    # the first phase: the cheap cost drafts after every "1", the expensive one gives up after a few misses
+    first = lambda fed: sum(len(f) > 1 for f in fed[:30])
+    assert first(runs["cheap"][2]) >= 15 and first(runs["expensive"][2]) <= 4
+    # the loop: both draft again, and the guesses are taken
+    assert expensive.accepted_tokens >= 30 and expensive.decode_passes < len(answer[:90]) - 30
+    assert cheap.drafted_tokens > expensive.drafted_tokens
+
+    gate = DraftGate(EXPENSIVE_VERIFY)
+    assert gate.allows(4)  # optimistic at first
+    gate.observe([False] * 6)
+    assert not gate.allows(1) and not gate.allows(8)
+    gate.observe([True] * 12)
+    assert gate.allows(4)
+    assert DraftGate(CHEAP_VERIFY).allows(8)
+
+
+def test_int4_exact_sessions_carry_the_expensive_verify_cost(package):
+    from onnxllm.api import quantize
+    from onnxllm.runtime.lookup import CHEAP_VERIFY, EXPENSIVE_VERIFY
+
+    pkg = package("llama")
+    quantize(pkg, "int4-exact", evaluate=False)
+    quantize(pkg, "int8", evaluate=False)
+    assert onnxllm.load(pkg, variant="int4-exact", device="cpu").session.verify_cost == EXPENSIVE_VERIFY
+    assert onnxllm.load(pkg, variant="int8", device="cpu").session.verify_cost == CHEAP_VERIFY
+    assert onnxllm.load(pkg, variant="fp32", device="cpu").session.verify_cost == CHEAP_VERIFY
+
+
 def test_eos_inside_accepted_drafts_stops_there():
     script = {3: 1}
     events = list(generate_tokens(VerifyingFakeSession(script=script), [1, 2, 3, 1, 2],

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import GenerationError
 from .constraints import Constraint, ConstraintSpec, constraint_spec, schema_text
 from .detokenizer import StreamingDetokenizer
-from .lookup import PromptLookup
+from .lookup import CHEAP_VERIFY, DraftGate, PromptLookup
 from .sampling import (
     TokenLogprobs,
     make_logits_processor,
@@ -203,6 +203,8 @@ class Session(Protocol):
     tokens: list[int]  # what the cache holds, position by position
     context: int  # the most tokens it can hold
     can_verify: bool  # forward(ids, all_logits=True) and rewind are cheap: prompt-lookup drafts pay
+    # optional: a verify pass's cost in one-token passes, (fixed, per guess) (lookup.verify_cost); default cheap
+    # verify_cost: tuple[float, float]
 
     def forward(self, ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray: ...
     def common_prefix(self, ids: Sequence[int]) -> int: ...
@@ -338,6 +340,7 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
     session.rewind(cached)
     picker = TokenPicker(config, prompt_ids, constraint=constraint, eos_ids=eos_ids)
     lookup = PromptLookup(prompt_ids) if config.draft_tokens and session.can_verify else None
+    gate = DraftGate(getattr(session, "verify_cost", CHEAP_VERIFY))  # whether a draft is worth its pass
     draft_len = min(4, config.draft_tokens)
     # Drafts are not cut short near max_tokens (the passes, and so their rounding, stay the same whatever
     # max_tokens is; surplus tokens are dropped), only by the context: room for them is reserved now.
@@ -381,14 +384,17 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
         room = min(draft_len, session.context - len(session.tokens) - 1)
         draft = picker.draft(lookup.draft(room), room) if lookup is not None else []
         passes += 1
-        if not draft:
+        if not draft or not gate.allows(len(draft)):
             pending, guessed = decode_one_token(session, last, picker), 0
             scores = picker.take_scores()
+            if draft:  # held back: was its first guess right?
+                gate.observe([pending[0] == draft[0]])
             continue
         pending = verify_draft(session, last, draft, picker)
         scores = picker.take_scores()
         drafted += len(draft)
         guessed = len(pending) - 1
+        gate.observe([True] * guessed + [False] * (guessed < len(draft)))
         draft_len = min(draft_len + 2, config.draft_tokens) if len(pending) > len(draft) else max(1, draft_len - 1)
 
 

@@ -16,6 +16,7 @@ from ..decoder_io import DecoderIO
 from ..errors import ContextOverflowError, GenerationError, InvalidPackageError
 from ..package import Manifest
 from .kv_cache import GrowingKVCache, KVCache, SharedKVCache
+from .lookup import CHEAP_VERIFY
 
 KV_MODES = ("shared", "growing")
 
@@ -85,6 +86,7 @@ class DecoderSession:
         self._keep_values = {n: ort.OrtValue.ortvalue_from_numpy(np.array(n, dtype=np.int64)) for n in (0, 1)}
         self.tokens: list[int] = []  # what the cache holds, position by position
         self.passes = 0  # model calls made so far (a chunked prefill makes several)
+        self.verify_cost = CHEAP_VERIFY  # what a multi-token pass costs here (lookup.verify_cost; set by the loader)
 
     # -- public -----------------------------------------------------------------------------
     @property
