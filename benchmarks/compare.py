@@ -348,6 +348,43 @@ def rescore(path: Path, args) -> None:
             subprocess.run([str(py), __file__, "--plot-from", str(path), "--plot-to", args.plot], check=False)
 
 
+def merge(args) -> None:
+    """--merge A.json B.json ...: one JSON of runs made one after another (same machine and command line
+    but for --scale and --only): A's SmolLM2 rows and settings, every file's scale rows, each scale's
+    tables and targets recomputed; written to --json-out, drawn to --plot."""
+    runs = [json.loads(Path(p).read_text()) for p in args.merge]
+    data, lengths = runs[0], runs[0]["config"]["prompt_lengths"]
+    rows = {(r["runtime"], r["variant"]): r for r in data["rows"]}
+    for run in runs[1:]:  # a later run's SmolLM2 row replaces the same row of an earlier one (a rerun)
+        rows.update({(r["runtime"], r["variant"]): r for r in run.get("rows", [])})
+    data["rows"] = list(rows.values())
+    data["markdown"] = markdown_table(data["rows"], lengths, args.disturbed)
+    data["chat_markdown"] = chat_table(data["rows"], args.disturbed)
+    data["targets"] = issue_targets(data["rows"], lengths, default=DEFAULT_VARIANT)
+    data["targets_markdown"] = targets_table(data["targets"])
+    scales: dict = {}
+    for run in runs:
+        for name, scale in run.get("scales", {}).items():
+            rows = scales.get(name, {}).get("rows", []) + scale["rows"]
+            scales[name] = {**scale, "rows": rows}
+    for name, scale in scales.items():
+        scale["markdown"] = markdown_table(scale["rows"], lengths, args.disturbed)
+        scale["targets"] = issue_targets(scale["rows"], lengths, default=DEFAULT_VARIANT, scale=name, load_limit=None)
+        scale["targets_markdown"] = targets_table(scale["targets"]) if scale["targets"] else ""
+    data["scales"] = scales
+    data["merged_from"] = [{"file": str(p), "command": r.get("command"), "date": r.get("date")}
+                           for p, r in zip(args.merge, runs)]
+    out = Path(args.json_out or PEERS / "last_compare.json")
+    out.write_text(json.dumps(data, indent=1))
+    print(data["markdown"] + "\n\n" + data["chat_markdown"] + "\n\n" + data["targets_markdown"])
+    for name, scale in scales.items():
+        print(f"\n{name} ({scale.get('parameters', '?')})\n{scale['markdown']}\n{scale['targets_markdown']}")
+    if args.plot:
+        py = find_plot_python()
+        if py is not None:
+            subprocess.run([str(py), __file__, "--plot-from", str(out), "--plot-to", args.plot], check=False)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -387,6 +424,9 @@ def main() -> None:
     p.add_argument("--src", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--tokenizer-from", help=argparse.SUPPRESS)
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="combine runs made separately (the first gives the SmolLM2 rows, each adds its --scale "
+                        "rows), recompute the tables and targets, write --json-out (and --plot)")
     p.add_argument("--rescore", metavar="JSON",
                    help="recompute the ceilings and tables of a saved run (and redraw --plot) without running")
     p.add_argument("--plot-from", help=argparse.SUPPRESS)
@@ -396,6 +436,8 @@ def main() -> None:
         worker_main(args)
     elif args.build:
         build_main(args)
+    elif args.merge:
+        merge(args)
     elif args.rescore:
         rescore(Path(args.rescore), args)
     elif args.plot_from:

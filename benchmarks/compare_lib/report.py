@@ -65,46 +65,59 @@ def ceiling_table(rows: list[dict], lengths: list[int], bw: float) -> str:
     return "\n".join(lines)
 
 
+_SHORT = {"onnxllm": "onnxllm", "llamacpp": "llama.cpp", "genai": "ORT GenAI", "optimum": "optimum",
+          "transformers": "PyTorch"}
+_SHADES = {"onnxllm": ["#f4a3a3", "#c41e1e"], "other": ["#c9c9c9", "#5f5f5f"]}
+
+
+def _bars(plt, ax, rows: list[dict], lengths: list[int], key: str, title: str) -> None:
+    """Grouped bars of one measure (key) per row, one bar per prompt length."""
+    width = 0.8 / len(lengths)
+    top = 0.0
+    for j, n in enumerate(lengths):
+        vals = [next((x[key] for x in r["results"] if x["prompt_tokens"] == n), 0) or 0 for r in rows]
+        top = max(top, *vals)
+        colors = [_SHADES["onnxllm" if r["runtime"] == "onnxllm" else "other"][min(j, 1)] for r in rows]
+        xs = [i + (j - (len(lengths) - 1) / 2) * width for i in range(len(rows))]
+        bars = ax.bar(xs, vals, width, color=colors, label=f"{n}-token prompt")
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+    ax.set_xticks(range(len(rows)), [f"{_SHORT[r['runtime']]}\n{r['variant']}" for r in rows], fontsize=8)
+    ax.set_ylabel(title)
+    ax.set_ylim(0, top * 1.15 if top > 0 else 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=_SHADES["other"][min(j, 1)]) for j in range(len(lengths))]
+    ax.legend(handles, [f"{n}-token prompt (lighter)" if j == 0 else f"{n}-token prompt (darker)"
+                        for j, n in enumerate(lengths)], fontsize=8, loc="upper right")
+
+
 def plot(json_path: Path, png: Path) -> None:
-    """(a venv with matplotlib) grouped bars: decode and prefill tok/s per runtime/variant at each prompt length."""
+    """(a venv with matplotlib) grouped bars: decode and prefill tok/s per runtime/variant at each prompt length,
+    for SmolLM2-135M, then one panel of decode and one of prefill per --scale shape."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     data = json.loads(json_path.read_text())
-    rows = data["rows"]
-    lengths = data["config"]["prompt_lengths"]
-    short = {"onnxllm": "onnxllm", "llamacpp": "llama.cpp", "genai": "ORT GenAI", "optimum": "optimum",
-             "transformers": "PyTorch"}
-    labels = [f"{short[r['runtime']]}\n{r['variant']}" for r in rows]
-    shades = {"onnxllm": ["#f4a3a3", "#c41e1e"], "other": ["#c9c9c9", "#5f5f5f"]}
-    fig, axes = plt.subplots(2, 1, figsize=(max(10, 1.05 * len(rows) + 2), 9))
-    width = 0.8 / len(lengths)
-    for ax, (key, title) in zip(axes, (("decode_tok_s", "decode tok/s"), ("prefill_tok_s", "prefill tok/s"))):
-        top = 0.0
-        for j, n in enumerate(lengths):
-            vals = [next(x[key] for x in r["results"] if x["prompt_tokens"] == n) or 0 for r in rows]
-            top = max(top, *vals)
-            colors = [shades["onnxllm" if r["runtime"] == "onnxllm" else "other"][min(j, 1)] for r in rows]
-            xs = [i + (j - (len(lengths) - 1) / 2) * width for i in range(len(rows))]
-            bars = ax.bar(xs, vals, width, color=colors, label=f"{n}-token prompt")
-            ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
-        ax.set_xticks(range(len(rows)), labels, fontsize=8)
-        ax.set_ylabel(title)
-        ax.set_ylim(0, top * 1.12 if top > 0 else 1)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_axisbelow(True)
-        handles = [plt.Rectangle((0, 0), 1, 1, color=shades["other"][min(j, 1)]) for j in range(len(lengths))]
-        ax.legend(handles, [f"{n}-token prompt (lighter) " if j == 0 else f"{n}-token prompt (darker)"
-                            for j, n in enumerate(lengths)], fontsize=8, loc="upper right")
+    rows, lengths = data["rows"], data["config"]["prompt_lengths"]
+    scales = [(name, s) for name, s in (data.get("scales") or {}).items() if s.get("rows")]
+    widest = max([len(rows)] + [len(s["rows"]) for _, s in scales])
+    fig, axes = plt.subplots(1 + len(scales), 2, figsize=(max(16, 2.1 * widest + 2), 4.6 * (1 + len(scales))),
+                             squeeze=False)
+    panels = [("SmolLM2-135M", rows)] + [(f"{name} ({s.get('parameters', '?')}, random weights, one token per step)",
+                                          s["rows"]) for name, s in scales]
+    for (name, panel_rows), (left, right) in zip(panels, axes):
+        _bars(plt, left, panel_rows, lengths, "decode_tok_s", "decode tok/s")
+        _bars(plt, right, panel_rows, lengths, "prefill_tok_s", "prefill tok/s")
+        left.set_title(f"{name}: decode", fontsize=9)
+        right.set_title(f"{name}: prefill", fontsize=9)
     m = data["machine"]
-    fig.suptitle(f"SmolLM2-135M-Instruct on {m['cpu']} ({m['cores']} cores): {data['config']['threads']} threads, "
-                 f"greedy, batch 1, {data['config']['gen_tokens']} new tokens, median of {data['config']['runs']}. "
-                 "Red: onnxllm (decoding with prompt-lookup drafts, except /no-draft); /lookup: llama.cpp's own.",
-                 fontsize=10)
+    fig.suptitle(f"{m['cpu']} ({m['cores']} cores): {data['config']['threads']} threads, greedy, batch 1, "
+                 f"{data['config']['gen_tokens']} new tokens (135M), median of {data['config']['runs']}.\n"
+                 "Red: onnxllm (prompt-lookup drafts, except /no-draft); /lookup: llama.cpp's own.", fontsize=10)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=100)
     print(f"wrote {png}")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
-from onnxllm.errors import InvalidPackageError, ModelNotFoundError, UnsupportedModelError
+from onnxllm.errors import InvalidPackageError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 

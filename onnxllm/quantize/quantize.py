@@ -43,7 +43,6 @@ from .quality import (
     base_variant,
     save_quality,
     score_file,
-    tokenize,
 )
 from .schemes import (
     BLOCK,
@@ -311,7 +310,6 @@ def quantize(package_dir: str | os.PathLike, scheme: str, options: QuantizeOptio
     for cuda and dml from fp16, a float16 graph being slow on CPU), and a warning says when it is far
     from the base.
     """
-    import onnx
 
     started = time.perf_counter()
     say = progress or (lambda _msg: None)

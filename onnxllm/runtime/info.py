@@ -126,7 +126,8 @@ def format_info(info: dict) -> str:
                 parts.append(f"on {q['tokens']} tokens of {_TEXTS.get(q.get('text'), 'a given text')}")
             lines.append("         " + ", ".join(parts))
             for route, p in (q.get("paths") or {}).items():  # the fidelity corpus's routes (quantize/fidelity.py)
-                sample = f" (a {p['tokens']}-token sample)" if p.get("tokens") and p["tokens"] < q.get("tokens", 0) else ""
+                sampled = p.get("tokens") and p["tokens"] < q.get("tokens", 0)
+                sample = f" (a {p['tokens']}-token sample)" if sampled else ""
                 lines.append(f"         {route:<8} top-1 {100 * p['top1_agreement']:.1f}%, KL {p['kl_divergence']:.4f}"
                              + sample)
         if v["method"].get("min_cosine_to_fp32") is not None:
