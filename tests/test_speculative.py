@@ -107,12 +107,16 @@ def test_expensive_verify_passes_draft_only_while_the_guesses_pay():
     assert cheap.drafted_tokens > expensive.drafted_tokens
 
     gate = DraftGate(EXPENSIVE_VERIFY)
-    assert gate.allows(4)  # optimistic at first
+    assert gate.length(8) == 8  # optimistic at first: the longest draft yields most per cost
     gate.observe([False] * 6)
-    assert not gate.allows(1) and not gate.allows(8)
+    assert gate.length(1) == gate.length(8) == 0  # guesses miss: one-token passes
+    gate.observe([True] * 4)
+    assert 0 < gate.length(8) < 8  # right again, but not always: a shorter draft pays best
     gate.observe([True] * 12)
-    assert gate.allows(4)
-    assert DraftGate(CHEAP_VERIFY).allows(8)
+    assert gate.length(8) == 8
+    cheap = DraftGate(CHEAP_VERIFY)
+    cheap.observe([False] * 20)
+    assert cheap.length(3) == 3 and cheap.reach(2, 8) == 2  # the cheap cost keeps the loop's adapted length
 
 
 def test_int4_exact_sessions_carry_the_expensive_verify_cost(package):

@@ -381,14 +381,15 @@ def generate_tokens(session: Session, prompt_ids: Sequence[int], config: Generat
                 yield TokenEvent(None, "cancelled", timings(prefill_s, time.perf_counter() - decode_start))
                 return
         last = pending[-1]  # given out, not yet in the cache
-        room = min(draft_len, session.context - len(session.tokens) - 1)
-        draft = picker.draft(lookup.draft(room), room) if lookup is not None else []
+        room = min(gate.reach(draft_len, config.draft_tokens), session.context - len(session.tokens) - 1)
+        guesses = picker.draft(lookup.draft(room), room) if lookup is not None else []
+        draft = guesses[:gate.length(len(guesses))]
         passes += 1
-        if not draft or not gate.allows(len(draft)):
+        if not draft:
             pending, guessed = decode_one_token(session, last, picker), 0
             scores = picker.take_scores()
-            if draft:  # held back: was its first guess right?
-                gate.observe([pending[0] == draft[0]])
+            if guesses:  # held back: was its first guess right?
+                gate.observe([pending[0] == guesses[0]])
             continue
         pending = verify_draft(session, last, draft, picker)
         scores = picker.take_scores()

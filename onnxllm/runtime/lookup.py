@@ -74,8 +74,9 @@ class DraftGate:
     """Whether a draft of g guesses is worth its pass, from the pass's cost and how often guesses are right.
 
     Each guess is taken to be right with probability `rate` once the one before it was, so a verify pass
-    of g guesses yields 1 + rate + ... + rate^g tokens against 1 for a one-token pass; the draft goes when
-    that beats the pass's cost (`verify_cost`: fixed + per_guess * g one-token passes). `rate` is a running
+    of g guesses yields 1 + rate + ... + rate^g tokens against 1 for a one-token pass; the pass's cost is
+    `verify_cost`: fixed + per_guess * g one-token passes. `length` checks the g that yields most per cost
+    (long drafts when the text repeats, none when guesses miss). `rate` is a running
     mean over the guesses checked, and, while drafts are held back, over whether the first guess equals the
     token the model then chose (free: no pass is spent), so drafting resumes when the text starts to repeat.
     The decision depends on tokens only, never on timings: the same prompt and seed give the same passes.
@@ -86,11 +87,27 @@ class DraftGate:
         self.fixed, self.per_guess = cost
         self.weight, self.rate = weight, start
 
-    def allows(self, guesses: int) -> bool:
-        if self.fixed <= 1.0 and self.per_guess <= 0.0:
-            return True
-        tokens = 1.0 + sum(self.rate ** i for i in range(1, guesses + 1))
-        return tokens >= self.fixed + self.per_guess * guesses
+    @property
+    def cheap(self) -> bool:
+        return self.fixed <= 1.0 and self.per_guess <= 0.0
+
+    def reach(self, adapted: int, most: int) -> int:
+        """How many guesses to ask lookup for: at the cheap cost the loop's adapted length; else as many as
+        allowed, `length` choosing how many of them pay."""
+        return adapted if self.cheap else most
+
+    def length(self, available: int) -> int:
+        """How many of `available` guesses to check in the next pass: all at the cheap cost; else the number
+        that yields the most tokens per unit of cost, or 0 (a one-token pass) when none beats 1."""
+        if self.cheap or available == 0:
+            return available
+        best, take, tokens = 1.0, 0, 1.0
+        for g in range(1, available + 1):
+            tokens += self.rate ** g
+            value = tokens / (self.fixed + self.per_guess * g)
+            if value > best:
+                best, take = value, g
+        return take
 
     def observe(self, outcomes) -> None:
         for ok in outcomes:
