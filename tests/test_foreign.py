@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _foreign import make_hf_onnx_folder
-from _helpers import cli
+from _helpers import IDS, TOLERANCE, cli, logits, rel_rms
 from _tiny import make_tiny_checkpoint
 
 import onnxllm
@@ -315,3 +315,18 @@ def test_smollm2_through_the_genai_builder_int4(smollm2_package, tmp_path, refer
         ids = m.encode(case["prompt"])
         # one token per pass, as og.Model decodes: an int4 pass over several drafted tokens rounds differently
         assert m.generate(case["prompt"], max_tokens=16, draft_tokens=0).token_ids == _og_greedy(folder, ids, 16)
+
+
+def test_hard_linked_weights_quantize(package, tmp_path):
+    """`onnxllm import` hard-links another tool's files; onnx refuses to load a data file with two links,
+    so quantize reads the weights itself, and the linked original is left as it was."""
+    pkg = package("llama")
+    data = pkg / "onnx" / "model.onnx.data"
+    assert data.is_file()
+    outside = tmp_path / "original.data"
+    outside.hardlink_to(data)
+    before = hashlib.sha256(outside.read_bytes()).hexdigest()
+    plain = logits(pkg, "fp32", IDS)
+    onnxllm.quantize(pkg, "int8", evaluate=False)
+    assert rel_rms(logits(pkg, "int8", IDS), plain) < TOLERANCE["int8"]
+    assert hashlib.sha256(outside.read_bytes()).hexdigest() == before and data.stat().st_nlink == 2

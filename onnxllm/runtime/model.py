@@ -19,7 +19,6 @@ from .chat_template import ChatTemplate, ChatVariables
 from .constraints import Constraint, ConstraintCompiler, tool_call_grammar
 from .generate import Chunk, GenerationConfig, GenerationResult, generate_tokens, stream_text
 from .options import GenerationOptions
-from .lookup import verify_cost
 from .providers import ProviderChoice, select_providers, session_options
 from .session import DecoderSession, SessionConfig, open_session
 from .tokenizer import _token_text, load_tokenizer  # noqa: F401 (quantize/embedding imports it here)
@@ -439,7 +438,6 @@ def load_package(path: str | Path, options: LoadOptions = LoadOptions()) -> Mode
                            config=SessionConfig(kv_mode=options.kv_mode, io_binding=options.io_binding,
                                                 prefill_chunk=options.prefill_chunk),
                            context=options.context, variant=name)
-    session.verify_cost = verify_cost(getattr(manifest.variants[name], "method", None), choice.provider_names[0])
     model = Model(root, manifest, name, session, tokenizer, template, choice)
     if folder.layout != "onnxllm":
         model.notes.append(f"read {root} ({folder.layout} layout): variant {name!r} "

@@ -16,7 +16,7 @@ from ..decoder_io import DecoderIO
 from ..errors import ContextOverflowError, GenerationError, InvalidPackageError
 from ..package import Manifest
 from .kv_cache import GrowingKVCache, KVCache, SharedKVCache
-from .lookup import CHEAP_VERIFY
+from .lookup import verify_cost
 
 KV_MODES = ("shared", "growing")
 
@@ -86,7 +86,9 @@ class DecoderSession:
         self._keep_values = {n: ort.OrtValue.ortvalue_from_numpy(np.array(n, dtype=np.int64)) for n in (0, 1)}
         self.tokens: list[int] = []  # what the cache holds, position by position
         self.passes = 0  # model calls made so far (a chunked prefill makes several)
-        self.verify_cost = CHEAP_VERIFY  # what a multi-token pass costs here (lookup.verify_cost; set by the loader)
+        # what a multi-token pass costs here, by the variant's kernels on the provider ORT runs it with
+        method = getattr(manifest.variants.get(variant), "method", None) if variant else None
+        self.verify_cost = verify_cost(method, ort_session.get_providers()[0])
 
     # -- public -----------------------------------------------------------------------------
     @property
